@@ -1,0 +1,361 @@
+"""Multiple-choice prompts, option-letter token lookup and option scoring.
+
+A multiple-choice dataset in calib-trl is a TRL prompt/completion dataset with two extra columns:
+
+- `prompt`: the question with its lettered options, either a string or a list of chat messages;
+- `completion`: the answer letter (`"B"`, or `[{"role": "assistant", "content": "B"}]`);
+- `choices`: the option texts (`list[str]`); the number of options may differ between rows;
+- `answer`: the index of the correct option (`int`), or its letter (`"B"`).
+
+The model's confidence in each option is the softmax, over the option-letter tokens only, of the next-token logits at
+the answer position (the first completion token). Which token a letter becomes depends on the tokenizer and on what
+precedes it (`"A"` and `" A"` are different tokens for most BPE tokenizers), so the letter tokens are read off the
+tokenized prompt + completion rather than off the letter alone.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+LETTERS = tuple(string.ascii_uppercase)
+DEFAULT_INSTRUCTION = "Answer with only a single letter."
+REQUIRED_COLUMNS = ("prompt", "choices", "answer")
+
+
+def format_question(question: str, choices: Sequence[str], instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """
+    Render a question and its options as one prompt text.
+
+    ```
+    {question}
+
+    A. {choices[0]}
+    B. {choices[1]}
+    ...
+
+    Answer with only a single letter.
+    ```
+    """
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(f"A multiple-choice question needs 2 to {len(LETTERS)} choices, got {len(choices)}.")
+    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    return f"{question.strip()}\n\n{options}\n\n{instruction}"
+
+
+def make_mcq_example(
+    question: str,
+    choices: Sequence[str],
+    answer: int | str,
+    conversational: bool = True,
+    instruction: str = DEFAULT_INSTRUCTION,
+) -> dict[str, Any]:
+    """
+    Build one prompt/completion row of a multiple-choice dataset.
+
+    With `conversational=True` the prompt is a user message and the completion an assistant message holding the
+    letter, so the tokenizer's chat template is applied (as `SFTTrainer` does). Otherwise the prompt ends with
+    `"Answer:"` and the completion is `" {letter}"`.
+    """
+    index = normalize_answer(answer, len(choices))
+    letter = LETTERS[index]
+    text = format_question(question, choices, instruction)
+    if conversational:
+        prompt = [{"role": "user", "content": text}]
+        completion = [{"role": "assistant", "content": letter}]
+    else:
+        prompt = f"{text}\nAnswer:"
+        completion = f" {letter}"
+    return {"prompt": prompt, "completion": completion, "choices": list(choices), "answer": index}
+
+
+def normalize_answer(answer: Any, num_choices: int, row: int | None = None) -> int:
+    """Return the answer as an option index, accepting an index or a letter; raise if it is not among the options."""
+    where = "" if row is None else f" (row {row})"
+    if isinstance(answer, str):
+        letter = answer.strip().upper()
+        if len(letter) != 1 or letter not in LETTERS:
+            raise ValueError(f"`answer`{where} must be an option index or a single letter, got {answer!r}.")
+        index = LETTERS.index(letter)
+    elif isinstance(answer, (int, np.integer)) and not isinstance(answer, bool):
+        index = int(answer)
+    else:
+        raise ValueError(f"`answer`{where} must be an option index or a letter, got {answer!r}.")
+    if not 0 <= index < num_choices:
+        raise ValueError(
+            f"`answer`{where} is {answer!r}, which is not among the {num_choices} choices "
+            f"({', '.join(LETTERS[:num_choices])})."
+        )
+    return index
+
+
+def is_conversational_prompt(prompt: Any) -> bool:
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def _letter_completion(prompt: Any, completion_template: Any, letter: str) -> Any:
+    if is_conversational_prompt(prompt):
+        return [{"role": "assistant", "content": letter}]
+    if isinstance(completion_template, str) and completion_template.strip():
+        # Keep the separator the dataset uses between prompt and letter (e.g. " B" after "Answer:")
+        return completion_template[: len(completion_template) - len(completion_template.lstrip())] + letter
+    return letter if prompt[-1:].isspace() else f" {letter}"
+
+
+def tokenize_prompt(tokenizer, prompt: Any, chat_template: str | None = None) -> list[int]:
+    """Token ids of a prompt as `SFTTrainer` tokenizes it (chat template with the generation prompt, or plain)."""
+    if is_conversational_prompt(prompt):
+        out = tokenizer.apply_chat_template(
+            prompt, tokenize=True, return_dict=True, add_generation_prompt=True, chat_template=chat_template
+        )
+        return list(out["input_ids"])
+    if not isinstance(prompt, str):
+        raise ValueError(f"`prompt` must be a string or a list of chat messages, got {type(prompt).__name__}.")
+    return list(tokenizer(text=prompt)["input_ids"])
+
+
+def tokenize_prompt_completion(tokenizer, prompt: Any, completion: Any, chat_template: str | None = None) -> list[int]:
+    """Token ids of prompt + completion as `SFTTrainer` tokenizes them (before it appends the EOS token)."""
+    if is_conversational_prompt(prompt):
+        out = tokenizer.apply_chat_template(
+            prompt + completion, tokenize=True, return_dict=True, chat_template=chat_template
+        )
+        return list(out["input_ids"])
+    return list(tokenizer(text=prompt + completion)["input_ids"])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def option_token_ids(
+    tokenizer, prompt: Any, num_options: int, completion: Any = None, chat_template: str | None = None
+) -> list[int]:
+    """
+    Token id of each option letter at the answer position of `prompt`.
+
+    For each letter, the prompt followed by that letter as the completion is tokenized, and the first token after the
+    tokenized prompt is the letter's token. Raises `ValueError` when the tokenized prompt is not a prefix of the
+    tokenized prompt + completion (the letter merges with the end of the prompt, so there is no answer position), when
+    a letter is not a single token there, or when two letters share a token.
+    """
+    prompt_ids = tokenize_prompt(tokenizer, prompt, chat_template)
+    ids = []
+    for letter in LETTERS[:num_options]:
+        full = tokenize_prompt_completion(tokenizer, prompt, _letter_completion(prompt, completion, letter), chat_template)
+        n = _common_prefix(prompt_ids, full)
+        if n < len(prompt_ids) or len(full) <= n:
+            raise ValueError(
+                f"The option letter {letter!r} merges with the end of the prompt when tokenized, so the prompt has no "
+                "answer position. End the prompt on a token boundary (e.g. with a newline or 'Answer:') and put the "
+                "letter in the completion."
+            )
+        token = full[n]
+        decoded = tokenizer.decode([token]).strip()
+        if decoded != letter:
+            raise ValueError(
+                f"The option letter {letter!r} is not a single token at the answer position (its first token decodes "
+                f"to {decoded!r}). Option letters must be single tokens; use the letters A, B, C, ... as completions."
+            )
+        ids.append(token)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"Option letters {LETTERS[:num_options]} do not map to distinct tokens: {ids}.")
+    return ids
+
+
+def validate_mcq_dataset(dataset, name: str = "dataset", require_completion: bool = False) -> None:
+    """Raise a `ValueError` naming the problem if `dataset` is not a usable multiple-choice dataset."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        raise ValueError(f"The {name} must be a `datasets.Dataset`, got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise ValueError(f"The {name} is empty: there is nothing to score.")
+    required = REQUIRED_COLUMNS + (("completion",) if require_completion else ())
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ValueError(
+            f"The {name} is missing the column(s) {missing}; a multiple-choice dataset needs {list(required)} "
+            f"(got {columns}). `calib_trl.defaults.load_default_dataset` or `calib_trl.mcq.make_mcq_example` builds "
+            "rows in this format."
+        )
+    for i, (choices, answer) in enumerate(zip(dataset["choices"], dataset["answer"])):
+        if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS):
+            raise ValueError(f"`choices` (row {i}) must be a list of 2 to {len(LETTERS)} option texts, got {choices!r}.")
+        normalize_answer(answer, len(choices), row=i)
+
+
+@dataclass
+class MCQScores:
+    """Option probabilities of a multiple-choice dataset, in dataset order."""
+
+    probs: np.ndarray  # [N, K] (rows with fewer options are zero-padded)
+    labels: np.ndarray  # [N]
+    num_choices: np.ndarray  # [N]
+    option_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def confidences(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predictions == self.labels
+
+
+class OptionTokenLookup:
+    """Letter token ids per prompt ending, computed once per distinct last prompt token and cached."""
+
+    def __init__(self, tokenizer, num_options: int, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.num_options = num_options
+        self.chat_template = chat_template
+        self._cache: dict[int, list[int]] = {}
+
+    def __call__(self, prompt: Any, prompt_ids: Sequence[int], completion: Any = None) -> list[int]:
+        key = prompt_ids[-1]
+        if key not in self._cache:
+            self._cache[key] = option_token_ids(
+                self.tokenizer, prompt, self.num_options, completion=completion, chat_template=self.chat_template
+            )
+        return self._cache[key]
+
+
+def _padded_batch(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Left-pad `sequences`; position ids count real tokens only, so padding does not shift positions."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, width - len(seq) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+@torch.no_grad()
+def next_token_logits(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Logits of the token after the last position, without building logits for the whole sequence."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    try:
+        logits = model(**kwargs, logits_to_keep=1).logits
+    except TypeError:  # models without `logits_to_keep`
+        logits = model(**kwargs).logits
+    return logits[:, -1, :]
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def score_multiple_choice(
+    model,
+    tokenizer,
+    dataset,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    chat_template: str | None = None,
+    progress: bool = True,
+    desc: str = "Scoring options",
+    shard: bool = False,
+) -> MCQScores:
+    """
+    Probability of each option of each question: softmax over the option-letter logits at the answer position.
+
+    Prompts are scored in length-sorted, left-padded batches with `logits_to_keep=1`, in inference mode; the model's
+    training mode is restored afterwards. Results are returned in dataset order.
+
+    Args:
+        model: any causal LM (a `PreTrainedModel`, a `PeftModel`, or one patched by TRL's fused LM head).
+        tokenizer: its tokenizer.
+        dataset (`datasets.Dataset`): multiple-choice rows (see the module docstring).
+        batch_size (`int`): prompts per forward pass.
+        max_length (`int`, *optional*): prompts longer than this raise an error rather than being truncated, since
+            truncation would cut off the answer position.
+        chat_template (`str`, *optional*): chat template overriding the tokenizer's.
+        progress (`bool`): show a progress bar (main process only).
+        shard (`bool`): under `accelerate launch`, score a 1/num_processes share on each process and gather the
+            results, so every process returns the full result without duplicating work.
+    """
+    validate_mcq_dataset(dataset)
+    n = len(dataset)
+    prompts = dataset["prompt"]
+    completions = dataset["completion"] if "completion" in dataset.column_names else [None] * n
+    num_choices = np.array([len(c) for c in dataset["choices"]])
+    labels = np.array([normalize_answer(a, k, row=i) for i, (a, k) in enumerate(zip(dataset["answer"], num_choices))])
+    k_max = int(num_choices.max())
+
+    indices = np.arange(n)
+    state = None
+    if shard:
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1:
+            indices = indices[state.process_index :: state.num_processes]
+        else:
+            state = None
+    show = progress and (state is None or state.is_main_process)
+
+    lookup = OptionTokenLookup(tokenizer, k_max, chat_template)
+    encoded, letter_ids = {}, {}
+    for i in indices:
+        ids = tokenize_prompt(tokenizer, prompts[i], chat_template)
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(
+                f"The prompt of row {i} is {len(ids)} tokens long, over `max_length`={max_length}: truncating it would "
+                "cut off the answer position. Raise `max_length` or drop the long rows."
+            )
+        encoded[i] = ids
+        letter_ids[i] = lookup(prompts[i], ids, completions[i])
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _model_device(model)
+    order = sorted(indices, key=lambda i: -len(encoded[i]))
+    probs = {}
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(order), desc=desc, disable=not show, unit="q")
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            logits = next_token_logits(model, *_padded_batch([encoded[i] for i in batch], pad_id, device))
+            cols = torch.tensor([letter_ids[i] for i in batch], device=logits.device)
+            option_logits = logits.float().gather(1, cols)
+            valid = torch.arange(k_max, device=logits.device)[None, :] < torch.tensor(
+                num_choices[batch], device=logits.device
+            )[:, None]
+            option_probs = option_logits.masked_fill(~valid, float("-inf")).softmax(-1)
+            for row, i in enumerate(batch):
+                probs[i] = option_probs[row].cpu().numpy()
+            bar.update(len(batch))
+        bar.close()
+    finally:
+        model.train(was_training)
+
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(int(i), probs[i]) for i in indices])
+        probs = dict(gathered)
+    out = np.stack([probs[i] for i in range(n)]).astype(np.float64)
+    token_ids = next(iter(lookup._cache.values()))
+    return MCQScores(probs=out, labels=labels, num_choices=num_choices, option_token_ids=token_ids)
