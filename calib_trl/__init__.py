@@ -1,3 +1,25 @@
 """calib-trl: calibration-aware fine-tuning for TRL."""
 
 __version__ = "0.1.0.dev0"
+
+from .calib_sft_config import CalibSFTConfig
+from .calib_sft_trainer import CalibSFTTrainer
+from .collator import DataCollatorWithKnowledgeFlags
+from .knowledge import DetectionReport, OnlineKnowledgeDetector, detect_known, style_adapt, youden_threshold
+from .losses import rcft_target
+from .mcq import make_mcq_example, score_multiple_choice
+
+
+__all__ = [
+    "CalibSFTConfig",
+    "CalibSFTTrainer",
+    "DataCollatorWithKnowledgeFlags",
+    "DetectionReport",
+    "OnlineKnowledgeDetector",
+    "detect_known",
+    "make_mcq_example",
+    "rcft_target",
+    "score_multiple_choice",
+    "style_adapt",
+    "youden_threshold",
+]

@@ -203,6 +203,7 @@ class MCQScores:
     probs: np.ndarray  # [N, K] (rows with fewer options are zero-padded)
     labels: np.ndarray  # [N]
     num_choices: np.ndarray  # [N]
+    answer_nll: np.ndarray  # [N] -log p(correct letter) over the whole vocabulary, at the answer position
     option_token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -259,6 +260,24 @@ def next_token_logits(model, input_ids, attention_mask, position_ids) -> torch.T
     return logits[:, -1, :]
 
 
+def shard_indices(n: int):
+    """
+    This process's share of `range(n)` under `accelerate launch`, and the `PartialState` (`None` with one process).
+
+    Every process gets the same number of items (the last share is padded by repeating an item), so that sharded
+    models (FSDP, DeepSpeed ZeRO-3), whose forward is a collective, run the same number of forward passes everywhere.
+    Duplicates are harmless: results are keyed by item index when gathered.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes <= 1 or n == 0:
+        return np.arange(n), None
+    per = -(-n // state.num_processes)
+    idx = np.arange(state.process_index * per, (state.process_index + 1) * per)
+    return np.minimum(idx, n - 1), state
+
+
 def _model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -303,16 +322,7 @@ def score_multiple_choice(
     labels = np.array([normalize_answer(a, k, row=i) for i, (a, k) in enumerate(zip(dataset["answer"], num_choices))])
     k_max = int(num_choices.max())
 
-    indices = np.arange(n)
-    state = None
-    if shard:
-        from accelerate import PartialState
-
-        state = PartialState()
-        if state.num_processes > 1:
-            indices = indices[state.process_index :: state.num_processes]
-        else:
-            state = None
+    indices, state = shard_indices(n) if shard else (np.arange(n), None)
     show = progress and (state is None or state.is_main_process)
 
     lookup = OptionTokenLookup(tokenizer, k_max, chat_template)
@@ -330,7 +340,7 @@ def score_multiple_choice(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _model_device(model)
     order = sorted(indices, key=lambda i: -len(encoded[i]))
-    probs = {}
+    probs, nll = {}, {}
     was_training = model.training
     model.eval()
     try:
@@ -339,13 +349,17 @@ def score_multiple_choice(
             batch = order[start : start + batch_size]
             logits = next_token_logits(model, *_padded_batch([encoded[i] for i in batch], pad_id, device))
             cols = torch.tensor([letter_ids[i] for i in batch], device=logits.device)
-            option_logits = logits.float().gather(1, cols)
+            logits = logits.float()
+            option_logits = logits.gather(1, cols)
+            gold = cols.gather(1, torch.tensor(labels[batch], device=logits.device)[:, None])
+            gold_nll = logits.logsumexp(-1) - logits.gather(1, gold).squeeze(1)
             valid = torch.arange(k_max, device=logits.device)[None, :] < torch.tensor(
                 num_choices[batch], device=logits.device
             )[:, None]
             option_probs = option_logits.masked_fill(~valid, float("-inf")).softmax(-1)
             for row, i in enumerate(batch):
                 probs[i] = option_probs[row].cpu().numpy()
+                nll[i] = float(gold_nll[row])
             bar.update(len(batch))
         bar.close()
     finally:
@@ -354,8 +368,15 @@ def score_multiple_choice(
     if state is not None:
         from accelerate.utils import gather_object
 
-        gathered = gather_object([(int(i), probs[i]) for i in indices])
-        probs = dict(gathered)
+        gathered = gather_object([(int(i), probs[i], nll[i]) for i in indices])
+        probs = {i: p for i, p, _ in gathered}
+        nll = {i: v for i, _, v in gathered}
     out = np.stack([probs[i] for i in range(n)]).astype(np.float64)
     token_ids = next(iter(lookup._cache.values()))
-    return MCQScores(probs=out, labels=labels, num_choices=num_choices, option_token_ids=token_ids)
+    return MCQScores(
+        probs=out,
+        labels=labels,
+        num_choices=num_choices,
+        answer_nll=np.array([nll[i] for i in range(n)]),
+        option_token_ids=token_ids,
+    )

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .utils import check_in, check_range, resolve_bf16_default
+
+
+@dataclass
+class CalibSFTConfig(SFTConfig):
+    r"""
+    Configuration class for the [`CalibSFTTrainer`] (CogCalib: known/unknown-aware calibration losses).
+
+    Extends [`~trl.SFTConfig`]; only the CogCalib parameters are listed here. Per completion token, with
+    `NLL = -log p_y`, a token of an *unknown* example gets `NLL` and a token of a *known* example gets
+    `NLL + calibration_weight * (L_method - NLL)`, normalised like `SFTTrainer`'s loss.
+
+    > One difference from `SFTConfig`: `bf16` defaults to `True` only where the accelerator supports bfloat16 (a CUDA
+    > GPU with bf16, or an explicit `use_cpu=False` device that does); on a CPU it defaults to float32, since a CPU
+    > without native bf16 runs mixed precision an order of magnitude slower.
+
+    Parameters:
+        > Parameters that control the calibration loss
+
+        calibration_loss (`str`, *optional*, defaults to `"ls"`):
+            Calibration term for known examples: `"ls"` (label smoothing, CoLS), `"mbls"` (margin-based label
+            smoothing, CoMbLS), `"ecp"` (confidence penalty, CoECP) or `"none"` (plain SFT).
+        apply_to (`str`, *optional*, defaults to `"known"`):
+            Which examples get the calibration term: `"known"` (CogCalib), `"all"` (the plain calibration loss on all
+            data) or `"none"` (standard SFT). With the paper's ablations in one trainer.
+        calibration_weight (`float`, *optional*, defaults to `1.0`):
+            α in `NLL + α (L_method - NLL)`; `1.0` gives the method's standard loss on known tokens. In `[0, 1]`.
+        ls_epsilon (`float`, *optional*, defaults to `0.5`):
+            Label-smoothing ε of `"ls"`, in `[0, 1)`.
+        mbls_margin (`float`, *optional*, defaults to `10.0`):
+            Margin `m` of `"mbls"` (logit units), `>= 0`.
+        mbls_lambda (`float`, *optional*, defaults to `0.1`):
+            Weight λ of the margin penalty of `"mbls"`, `>= 0`.
+        ecp_beta (`float`, *optional*, defaults to `1.0`):
+            Weight β of the entropy bonus of `"ecp"`, `>= 0`.
+
+        > Parameters that control knowledge detection
+
+        known_column (`str`, *optional*, defaults to `"known"`):
+            Dataset column holding the known flag (written by `calib_trl.detect_known`), with `detection="precomputed"`.
+        detection (`str`, *optional*, defaults to `"precomputed"`):
+            `"precomputed"`: flags come from `known_column`. `"online"`: each example is known when the answer NLL that
+            the training step computes is at most a threshold, re-fitted every `online_refit_steps` steps on the
+            `calibration_dataset` passed to the trainer.
+        online_refit_steps (`int`, *optional*, defaults to `50`):
+            Steps between two re-fits of the online threshold (also fitted before the first step).
+        online_calibration_samples (`int`, *optional*):
+            Use at most this many calibration examples for each re-fit (the first ones); all if unset.
+        online_batch_size (`int`, *optional*, defaults to `32`):
+            Batch size of the re-fit's forward passes over the calibration set.
+        answer_nll (`str`, *optional*, defaults to `"auto"`):
+            The per-example NLL compared with the threshold: `"first"` (NLL of the first completion token, the answer
+            letter of a multiple-choice completion), `"mean"` (mean over completion tokens), or `"auto"` (`"first"`
+            when the dataset has `choices`, else `"mean"`).
+
+        > Parameters that control robustness
+
+        nonfinite_loss (`str`, *optional*, defaults to `"raise"`):
+            What to do when a step's loss is NaN or infinite: `"raise"` stops training with an error, `"skip"` zeroes
+            that step's loss (no update from it) and counts it in the `calib/skipped_steps` metric.
+    """
+
+    calibration_loss: str = field(
+        default="ls",
+        metadata={"help": "Calibration term for known examples.", "choices": ["ls", "mbls", "ecp", "none"]},
+    )
+    apply_to: str = field(
+        default="known",
+        metadata={
+            "help": "Which examples get the calibration term: `known` (CogCalib), `all`, or `none` (standard SFT).",
+            "choices": ["known", "all", "none"],
+        },
+    )
+    calibration_weight: float = field(
+        default=1.0,
+        metadata={"help": "α in NLL + α (L_method - NLL) on selected tokens; 1.0 gives the method's loss. In [0, 1]."},
+    )
+    ls_epsilon: float = field(default=0.5, metadata={"help": "Label-smoothing ε of `ls`, in [0, 1)."})
+    mbls_margin: float = field(default=10.0, metadata={"help": "Margin m of `mbls` in logit units, >= 0."})
+    mbls_lambda: float = field(default=0.1, metadata={"help": "Weight λ of the margin penalty of `mbls`, >= 0."})
+    ecp_beta: float = field(default=1.0, metadata={"help": "Weight β of the entropy bonus of `ecp`, >= 0."})
+    known_column: str = field(
+        default="known", metadata={"help": "Dataset column with the known flag (from `calib_trl.detect_known`)."}
+    )
+    detection: str = field(
+        default="precomputed",
+        metadata={
+            "help": "`precomputed` (flags from `known_column`) or `online` (answer NLL vs a threshold re-fitted on "
+            "the calibration dataset every `online_refit_steps`).",
+            "choices": ["precomputed", "online"],
+        },
+    )
+    online_refit_steps: int = field(default=50, metadata={"help": "Steps between re-fits of the online threshold."})
+    online_calibration_samples: int | None = field(
+        default=None, metadata={"help": "Cap on the calibration examples used by each online re-fit."}
+    )
+    online_batch_size: int = field(default=32, metadata={"help": "Batch size of the online re-fit's forward passes."})
+    answer_nll: str = field(
+        default="auto",
+        metadata={
+            "help": "Per-example NLL for detection: `first` completion token, `mean` over completion tokens, or `auto`.",
+            "choices": ["auto", "first", "mean"],
+        },
+    )
+    nonfinite_loss: str = field(
+        default="raise",
+        metadata={"help": "On a NaN/inf loss: `raise`, or `skip` the step and count it.", "choices": ["raise", "skip"]},
+    )
+
+    def __post_init__(self):
+        resolve_bf16_default(self)
+        super().__post_init__()
+        check_in("calibration_loss", self.calibration_loss, ("ls", "mbls", "ecp", "none"))
+        check_in("apply_to", self.apply_to, ("known", "all", "none"))
+        check_in("detection", self.detection, ("precomputed", "online"))
+        check_in("answer_nll", self.answer_nll, ("auto", "first", "mean"))
+        check_in("nonfinite_loss", self.nonfinite_loss, ("raise", "skip"))
+        check_range("calibration_weight", self.calibration_weight, 0.0, 1.0)
+        check_range("ls_epsilon", self.ls_epsilon, 0.0, 1.0, high_inclusive=False)
+        check_range("mbls_margin", self.mbls_margin, 0.0, None)
+        check_range("mbls_lambda", self.mbls_lambda, 0.0, None)
+        check_range("ecp_beta", self.ecp_beta, 0.0, None)
+        if self.online_refit_steps < 1:
+            raise ValueError(f"`online_refit_steps` must be >= 1, got {self.online_refit_steps}.")
+        if self.online_calibration_samples is not None and self.online_calibration_samples < 2:
+            raise ValueError(
+                f"`online_calibration_samples` must be >= 2 (or unset), got {self.online_calibration_samples}."
+            )
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether any token can get a calibration term."""
+        return self.calibration_loss != "none" and self.apply_to != "none" and self.calibration_weight > 0

@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import textwrap
+import warnings
+
+import torch
+from trl import SFTTrainer
+
+from .calib_sft_config import CalibSFTConfig
+from .knowledge import OnlineKnowledgeDetector, is_multiple_choice
+from .losses import calibration_term, lm_head_transform
+from .model_card import COGCALIB_CITATION, RCFT_CITATION, CalibrationModelCardMixin
+from .trainer_utils import (
+    CalibrationTrainerMixin,
+    ForwardCapture,
+    check_flag_column,
+    example_index,
+    predicting,
+    shifted,
+    unwrap_base,
+)
+from .utils import logger
+
+
+class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTrainer):
+    """
+    Trainer for CogCalib: supervised fine-tuning in which the tokens of examples the model already *knows* get a
+    calibration loss (label smoothing, margin-based label smoothing or a confidence penalty) and the others plain
+    cross-entropy. A drop-in replacement for [`~trl.SFTTrainer`], from "Towards Objective Fine-tuning: How LLMs' Prior
+    Knowledge Causes Potential Poor Calibration?" (Wang et al., ACL 2025).
+
+    What it adds to `SFTTrainer`:
+    - the dataset hook: the `known` column (from `calib_trl.detect_known`) is carried through tokenisation, truncation
+      and packing, and the collator turns it into a per-token tensor (`DataCollatorWithKnowledgeFlags`); with
+      `detection="online"` the flags are computed in each step instead, from the answer NLL and a threshold re-fitted
+      on `calibration_dataset`;
+    - the loss: `SFTTrainer`'s token-normalised cross-entropy through TRL's fused LM head (unchanged), plus
+      `calibration_weight * term` on the selected tokens, where `term = L_method - NLL` is computed without
+      `[batch, seq, vocab]` logits (see `calib_trl.losses`), normalised by the same token count;
+    - logging under `calib/` (known fraction, the NLL and calibration parts, the online threshold);
+    - the model card: `calib-trl` and `cogcalib` tags, both papers' citations, calibration results when available.
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
+        peft_config, formatting_func, and the other keyword arguments: as in [`~trl.SFTTrainer`].
+        calibration_dataset (`datasets.Dataset`, *optional*):
+            Held-out rows of the training task (multiple choice, or prompt/completion for open-ended data), on which
+            online detection re-fits its threshold. Required with `detection="online"`.
+
+    Example:
+    ```python
+    >>> from calib_trl import CalibSFTConfig, CalibSFTTrainer, detect_known
+    >>> train = detect_known(model, tokenizer, train, calibration_dataset=calib)
+    >>> trainer = CalibSFTTrainer(model=model, args=CalibSFTConfig("out", calibration_loss="ls"), train_dataset=train)
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "calib-trl", "cogcalib"]
+    _name = "CalibSFT (CogCalib)"
+    _paper = {
+        "title": "Towards Objective Fine-tuning: How LLMs' Prior Knowledge Causes Potential Poor Calibration?",
+        "id": "2505.20903",
+        "citation": COGCALIB_CITATION + "\n\n" + RCFT_CITATION,
+    }
+
+    def __init__(self, model, args: CalibSFTConfig | None = None, *pos_args, calibration_dataset=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = CalibSFTConfig(f"{str(name).split('/')[-1]}-CalibSFT")
+        elif not isinstance(args, CalibSFTConfig):
+            raise TypeError(
+                f"`args` must be a `CalibSFTConfig`, got {type(args).__name__}. Build one with the same arguments: "
+                "`CalibSFTConfig(**sft_config.to_dict(), calibration_loss=...)`."
+            )
+        train_dataset = kwargs.get("train_dataset", pos_args[1] if len(pos_args) > 1 else None)
+        eval_dataset = kwargs.get("eval_dataset", pos_args[2] if len(pos_args) > 2 else None)
+
+        self._needs_flags = args.calibrates and args.apply_to == "known"
+        self._precomputed = self._needs_flags and args.detection == "precomputed"
+        if args.calibrates and (args.label_smoothing_factor > 0 or kwargs.get("compute_loss_func") is not None):
+            raise ValueError(
+                "`label_smoothing_factor` and `compute_loss_func` replace the fused LM head's loss and cannot be "
+                "combined with a calibration loss; use `calibration_loss='ls'` with `apply_to='all'` for label "
+                "smoothing on all tokens."
+            )
+        if train_dataset is not None and self._precomputed:
+            self._check_known(train_dataset, args.known_column, "train")
+        if eval_dataset is not None and self._precomputed:
+            evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+            for name, dataset in evals.items():
+                check_flag_column(dataset, args.known_column, name)
+        self._carried_columns = (args.known_column,) if self._precomputed else ()
+        self._skipped_steps = 0
+
+        super().__init__(model, args, *pos_args, **kwargs)
+
+        if self._precomputed:
+            self._install_flag_collator((args.known_column,), required=True)
+        needs_hidden = args.calibrates and args.calibration_loss in ("ls", "mbls")
+        self._capture = ForwardCapture(self.model, want_hidden=needs_hidden)
+        self._head_transform = lm_head_transform(unwrap_base(self.model))
+        self._answer_nll = args.answer_nll
+        if self._answer_nll == "auto":
+            self._answer_nll = "first" if train_dataset is not None and _has_choices(train_dataset) else "mean"
+
+        self.detector = None
+        if self._needs_flags and args.detection == "online":
+            self.detector = OnlineKnowledgeDetector(
+                calibration_dataset,
+                self.processing_class if not hasattr(self.processing_class, "tokenizer") else self._tokenizer,
+                refit_steps=args.online_refit_steps,
+                batch_size=args.online_batch_size,
+                max_samples=args.online_calibration_samples,
+            )
+            if is_multiple_choice(self.detector.calibration_dataset) != (self._answer_nll == "first"):
+                logger.warning(
+                    "Online detection compares the training NLL (%s) with a threshold fitted on %s calibration rows; "
+                    "use the same kind of data for both (or set `answer_nll`).",
+                    "answer letter" if self._answer_nll == "first" else "mean completion NLL",
+                    "multiple-choice" if is_multiple_choice(self.detector.calibration_dataset) else "open-ended",
+                )
+        elif calibration_dataset is not None and not (self._needs_flags and args.detection == "online"):
+            logger.info("`calibration_dataset` is only used by online detection; it is ignored here.")
+
+    # -- dataset -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_known(dataset, column: str, name: str) -> None:
+        n_known, n = check_flag_column(dataset, column, name)
+        if n_known == 0:
+            warnings.warn(
+                f"No example of the {name} dataset is known: with `apply_to='known'` the loss is plain cross-entropy "
+                "(standard SFT).",
+                stacklevel=3,
+            )
+        elif n_known == n and n > 1:
+            warnings.warn(
+                f"Every example of the {name} dataset is known: the loss is the calibration loss on all data "
+                "(`apply_to='all'`).",
+                stacklevel=3,
+            )
+
+    # -- loss ----------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        known = inputs.pop(args.known_column, None) if self._precomputed else None
+        if self._precomputed and known is None:
+            raise KeyError(
+                f"The batch has no `{args.known_column}` tensor. With a custom data collator, return it as a per-token "
+                "tensor (see `calib_trl.DataCollatorWithKnowledgeFlags`)."
+            )
+        if not args.calibrates:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return loss
+
+        if self.detector is not None and self.detector.due(self.state.global_step):
+            report = self.detector.refit(model, self.state.global_step)
+            logger.info("Online detection re-fitted at step %d:\n%s", self.state.global_step, report)
+
+        with self._capture.capture():
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        out, hidden = self._capture.output, self._capture.hidden
+        self._capture.release()
+
+        mask = out.label_mask
+        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
+        nll = -out.log_probs.detach()
+        if args.apply_to == "all":
+            selected = mask
+        elif self.detector is not None:
+            flags = self._online_flags(inputs, nll, mask)
+            selected = mask & flags
+        else:
+            selected = mask & (shifted(known, inputs) > 0.5)
+
+        term = calibration_term(
+            args.calibration_loss,
+            predicting(hidden, inputs)[selected] if hidden is not None else None,
+            labels[selected],
+            out.entropy[selected] if out.entropy is not None else None,
+            unwrap_base(model).get_output_embeddings() if hidden is not None else None,
+            self._head_transform,
+            ls_epsilon=args.ls_epsilon,
+            mbls_margin=args.mbls_margin,
+            mbls_lambda=args.mbls_lambda,
+            ecp_beta=args.ecp_beta,
+        )
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        extra = args.calibration_weight * term.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        loss = loss + extra * self._loss_scale(num_items_in_batch)
+
+        n_sel, n_tok = selected.sum(), mask.sum()
+        self._log_mean(mode, "calib/known_token_fraction", n_sel, n_tok)
+        self._log_mean(mode, "calib/nll", (nll * mask).sum(), n_tok)
+        self._log_mean(mode, "calib/calibration_term", args.calibration_weight * term.detach().sum(), n_tok)
+        if self.detector is not None and mode == "train":
+            self._metrics[mode]["calib/threshold"].append(float(self.detector.threshold))
+            self._metrics[mode]["calib/detection_accuracy"].append(self.detector.last_report.detection_accuracy)
+        if mode == "train" and args.nonfinite_loss == "skip":
+            self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
+        loss = self._guard_nonfinite(loss, model)
+        return (loss, result[1]) if return_outputs else loss
+
+    def _online_flags(self, inputs, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-token known flags from each example's answer NLL in this very batch."""
+        ex = shifted(example_index(inputs, inputs["input_ids"].shape, self.padding_free), inputs)
+        ex = torch.where(mask, ex, torch.full_like(ex, -1))
+        ids, inverse = torch.unique(ex, return_inverse=True)
+        n = ids.numel()
+        if self._answer_nll == "first":
+            # the first label position of each example holds its answer token
+            pos = torch.arange(ex.shape[-1], device=ex.device).expand_as(ex)
+            first = torch.full((n,), ex.shape[-1], device=ex.device, dtype=torch.long)
+            first.scatter_reduce_(0, inverse[mask], pos[mask], reduce="amin")
+            is_first = mask & (pos == first[inverse])
+            example_nll = torch.zeros(n, device=nll.device).index_add_(0, inverse[is_first], nll[is_first])
+        else:
+            total = torch.zeros(n, device=nll.device).index_add_(0, inverse[mask], nll[mask])
+            count = torch.zeros(n, device=nll.device).index_add_(0, inverse[mask], torch.ones_like(nll[mask]))
+            example_nll = total / count.clamp(min=1)
+        known = self.detector.flags(example_nll)
+        return known[inverse] & mask
+
+    # -- model card ----------------------------------------------------------------------------------------------
+
+    def _card_settings(self) -> dict:
+        a = self.args
+        settings = {"calibration_loss": a.calibration_loss, "apply_to": a.apply_to, "calibration_weight": a.calibration_weight}
+        settings.update({"ls": {"ls_epsilon": a.ls_epsilon}, "mbls": {"mbls_margin": a.mbls_margin, "mbls_lambda": a.mbls_lambda},
+                         "ecp": {"ecp_beta": a.ecp_beta}}.get(a.calibration_loss, {}))
+        if a.apply_to == "known":
+            settings["detection"] = a.detection
+        return settings
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def _calib_state(self) -> dict:
+        state = super()._calib_state()
+        if self.detector is not None:
+            state["online_detector"] = self.detector.state_dict()
+        return state
+
+    def _load_calib_state(self, state: dict) -> None:
+        super()._load_calib_state(state)
+        if self.detector is not None and "online_detector" in state:
+            self.detector.load_state_dict(state["online_detector"])
+
+
+def _has_choices(dataset) -> bool:
+    names = dataset.column_names
+    if names is None:
+        names = list(next(iter(dataset)).keys())
+    return "choices" in names and "answer" in names
+
+
+CalibSFTTrainer.__doc__ = textwrap.dedent(CalibSFTTrainer.__doc__)

@@ -1,0 +1,543 @@
+"""Knowledge-bias detection (CogCalib, step 1).
+
+An example is *known* when the negative log-likelihood of its answer under the model is at most a threshold `t`:
+`known = [answer_nll <= t]`. `t` is fitted on a held-out calibration split to maximise Youden's J (TPR + TNR - 1),
+the ground truth being whether the model answers the calibration item correctly: the argmax over the options for
+multiple choice, a normalised exact match of the greedy answer for open-ended data.
+
+- `answer_nll` of a multiple-choice row is `-log p(correct letter)` over the whole vocabulary at the answer position
+  (one forward pass of the prompt, `logits_to_keep=1`); of an open-ended row, the mean NLL of its completion tokens.
+- `detect_known` scores a dataset once (precomputed mode) and adds `answer_nll` and `known` columns, optionally after a
+  short style adaptation so that the NLL reflects knowledge rather than unfamiliar wording.
+- `OnlineKnowledgeDetector` re-fits the threshold every N training steps on the calibration split (online mode); the
+  trainer compares it with the per-example NLL that the training step computes anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import string
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .mcq import (
+    _model_device,
+    is_conversational_prompt,
+    score_multiple_choice,
+    shard_indices,
+    tokenize_prompt,
+    tokenize_prompt_completion,
+    validate_mcq_dataset,
+)
+from .utils import logger
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Threshold
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DetectionReport:
+    """What a threshold fit found on the calibration split, and what it flags on the scored dataset."""
+
+    threshold: float
+    youden_j: float
+    tpr: float  # fraction of correctly answered calibration items flagged known
+    tnr: float  # fraction of wrongly answered calibration items flagged unknown
+    detection_accuracy: float  # fraction of calibration items whose flag equals their correctness
+    calibration_accuracy: float  # fraction of calibration items the model answers correctly
+    n_calibration: int
+    known_fraction: float | None = None  # on the scored dataset
+    n: int | None = None
+    style_adaptation_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"threshold (answer NLL)       {self.threshold:.4f}",
+            f"Youden's J                   {self.youden_j:.4f}  (TPR {self.tpr:.4f}, TNR {self.tnr:.4f})",
+            f"detection accuracy (calib.)  {self.detection_accuracy:.4f}  on {self.n_calibration} items",
+            f"model accuracy (calib.)      {self.calibration_accuracy:.4f}",
+        ]
+        if self.known_fraction is not None:
+            lines.append(f"known fraction (dataset)     {self.known_fraction:.4f}  of {self.n} examples")
+        return "\n".join(lines)
+
+
+def youden_threshold(nll, correct) -> tuple[float, float, float, float]:
+    """
+    NLL threshold maximising Youden's J = TPR + TNR - 1 for the rule `known = nll <= t`, with `correct` the truth.
+
+    Every split between two consecutive distinct NLL values is tried (exact, `O(n log n)`); the returned threshold is
+    the midpoint of the best split, so that it generalises symmetrically. Among equally good splits, the lowest is
+    kept (the fewest examples flagged known). With only correct or only wrong answers J is undefined: the threshold
+    flags everything known (`+inf`) or nothing (`-inf`), with a warning.
+
+    Returns:
+        `(threshold, j, tpr, tnr)`.
+    """
+    nll = np.asarray(nll, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    if nll.ndim != 1 or nll.shape != correct.shape:
+        raise ValueError(f"`nll` and `correct` must be 1-D of the same length, got {nll.shape} and {correct.shape}.")
+    if nll.size == 0:
+        raise ValueError("Fitting a threshold needs at least one calibration example.")
+    if not np.isfinite(nll).all():
+        raise ValueError("`nll` holds NaN or infinite values; check the model's outputs.")
+    pos, neg = int(correct.sum()), int((~correct).sum())
+    if pos == 0 or neg == 0:
+        warnings.warn(
+            f"The model answers {'every' if neg == 0 else 'no'} calibration item correctly, so a known/unknown "
+            f"threshold cannot be fitted; every example is flagged {'known' if neg == 0 else 'unknown'}.",
+            stacklevel=2,
+        )
+        return (math.inf, 0.0, 1.0, 0.0) if neg == 0 else (-math.inf, 0.0, 0.0, 1.0)
+    order = np.argsort(nll, kind="stable")
+    values, flags = nll[order], correct[order]
+    # Cut after each last occurrence of a distinct value: known = the first `k` sorted items
+    last = np.r_[values[1:] != values[:-1], True]
+    tp = np.cumsum(flags)[last]
+    fp = np.cumsum(~flags)[last]
+    tpr = tp / pos
+    tnr = 1 - fp / neg
+    j = tpr + tnr - 1
+    best = int(np.argmax(j))
+    distinct = values[last]
+    if j[best] <= 0:  # no split beats flagging nothing
+        return -math.inf, 0.0, 0.0, 1.0
+    upper = distinct[best + 1] if best + 1 < len(distinct) else distinct[best] + 1.0
+    threshold = float((distinct[best] + upper) / 2)
+    return threshold, float(j[best]), float(tpr[best]), float(tnr[best])
+
+
+def detection_report(nll, correct, threshold: float, j=None, tpr=None, tnr=None, **kwargs) -> DetectionReport:
+    nll = np.asarray(nll, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    flagged = nll <= threshold
+    if tpr is None:
+        tpr = float(flagged[correct].mean()) if correct.any() else 0.0
+        tnr = float((~flagged[~correct]).mean()) if (~correct).any() else 0.0
+        j = tpr + tnr - 1
+    return DetectionReport(
+        threshold=float(threshold),
+        youden_j=float(j),
+        tpr=float(tpr),
+        tnr=float(tnr),
+        detection_accuracy=float((flagged == correct).mean()),
+        calibration_accuracy=float(correct.mean()),
+        n_calibration=int(nll.size),
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def is_multiple_choice(dataset) -> bool:
+    return "choices" in dataset.column_names and "answer" in dataset.column_names
+
+
+def normalize_answer_text(text: str) -> str:
+    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _completion_text(completion: Any) -> str:
+    if is_conversational_prompt(completion):
+        return "".join(m.get("content", "") for m in completion)
+    return completion
+
+
+def score_completions(
+    model,
+    tokenizer,
+    dataset,
+    batch_size: int = 16,
+    check_greedy: bool = False,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    desc: str = "Scoring answers",
+    shard: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """
+    Mean NLL of each row's completion tokens given its prompt (teacher forcing, length-sorted left-padded batches; only
+    the completion positions are projected through the LM head), and, with `check_greedy=True`, whether the greedy
+    answer matches the completion after `normalize_answer_text`.
+
+    Returns:
+        `(nll [N], correct [N] or None)`.
+    """
+    for column in ("prompt", "completion"):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"Scoring open-ended answers needs `prompt` and `completion` columns; `{column}` is missing "
+                f"(got {dataset.column_names})."
+            )
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("The dataset is empty: there is nothing to score.")
+    prompts, completions = dataset["prompt"], dataset["completion"]
+    indices, state = shard_indices(n) if shard else (np.arange(n), None)
+    show = progress and (state is None or state.is_main_process)
+    seqs, comp_len, prompt_ids = {}, {}, {}
+    for i in indices:
+        p = tokenize_prompt(tokenizer, prompts[i])
+        full = tokenize_prompt_completion(tokenizer, prompts[i], completions[i])
+        k = 0
+        while k < min(len(p), len(full)) and p[k] == full[k]:
+            k += 1
+        if k >= len(full):
+            raise ValueError(f"Row {i} has an empty completion: there is no answer to score.")
+        seqs[i], comp_len[i], prompt_ids[i] = full, len(full) - k, p[:k]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _model_device(model)
+    order = sorted(indices, key=lambda i: -len(seqs[i]))
+    nll, correct = {}, {}
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(order), desc=desc, disable=not show, unit="ex")
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(seqs[i]) for i in batch)
+            keep = max(comp_len[i] for i in batch) + 1
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(batch):
+                ids[r, width - len(seqs[i]) :] = torch.tensor(seqs[i])
+                mask[r, width - len(seqs[i]) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                logits = model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=pos.to(device),
+                    logits_to_keep=keep,
+                    use_cache=False,
+                ).logits.float()
+            logp = logits[:, :-1].log_softmax(-1)  # predicts the last keep-1 tokens
+            targets = ids[:, width - keep + 1 :].to(logp.device)
+            token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            for r, i in enumerate(batch):
+                nll[i] = float(token_nll[r, -comp_len[i] :].mean())
+            bar.update(len(batch))
+        bar.close()
+        if check_greedy:
+            for start in tqdm(
+                range(0, len(order), batch_size), desc="Greedy answers", disable=not show, unit="batch"
+            ):
+                batch = order[start : start + batch_size]
+                width = max(len(prompt_ids[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, i in enumerate(batch):
+                    ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+                    mask[r, width - len(prompt_ids[i]) :] = 1
+                new = max_new_tokens or max(comp_len[i] for i in batch) + 8
+                with torch.no_grad():
+                    out = model.generate(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        max_new_tokens=new,
+                        do_sample=False,
+                        pad_token_id=pad_id,
+                    )
+                texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                for r, i in enumerate(batch):
+                    reference = normalize_answer_text(_completion_text(completions[i]))
+                    correct[i] = normalize_answer_text(texts[r].strip().split("\n")[0]) == reference
+    finally:
+        model.train(was_training)
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        rows = gather_object([(int(i), nll[i], correct.get(i)) for i in indices])
+        nll = {i: v for i, v, _ in rows}
+        correct = {i: c for i, _, c in rows}
+    nll_arr = np.array([nll[i] for i in range(n)])
+    correct_arr = np.array([bool(correct[i]) for i in range(n)]) if check_greedy else None
+    return nll_arr, correct_arr
+
+
+def score_answer_nll(
+    model, tokenizer, dataset, batch_size: int = 16, need_correct: bool = False, progress: bool = True,
+    desc: str = "Scoring answers", shard: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Answer NLL of each row (and correctness when asked), multiple choice or open-ended (see the module doc)."""
+    if is_multiple_choice(dataset):
+        scores = score_multiple_choice(
+            model, tokenizer, dataset, batch_size=batch_size, progress=progress, desc=desc, shard=shard
+        )
+        return scores.answer_nll, scores.correct
+    return score_completions(
+        model, tokenizer, dataset, batch_size=batch_size, check_greedy=need_correct, progress=progress, desc=desc,
+        shard=shard,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Style adaptation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def style_adapt(
+    model,
+    tokenizer,
+    dataset,
+    steps: int = 60,
+    learning_rate: float = 4e-5,
+    batch_size: int = 64,
+    per_device_batch_size: int = 8,
+    peft_config=None,
+    seed: int = 0,
+    in_place: bool = False,
+    **sft_kwargs,
+):
+    """
+    A short SFT on the task's format, so that the answer NLL reflects what the model knows rather than how unfamiliar
+    the wording is (a base model spreads probability over "The answer is", " B", "b)", ...).
+
+    Trains a copy of `model` (or a LoRA adapter on it, with `peft_config`) for `steps` optimizer steps of `batch_size`
+    examples drawn from `dataset` (its `prompt`/`completion` columns), with a constant learning rate. The input model
+    is left untouched unless `in_place=True`.
+
+    Returns:
+        The adapted model (a `PeftModel` when `peft_config` is given).
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    from .utils import resolve_bf16_default
+
+    if steps <= 0:
+        return model
+    if len(dataset) == 0:
+        raise ValueError("Style adaptation needs a non-empty dataset.")
+    per_device = max(1, min(per_device_batch_size, batch_size))
+    accumulation = max(1, batch_size // per_device)
+    needed = steps * per_device * accumulation
+    data = dataset.select_columns(["prompt", "completion"]).shuffle(seed=seed)
+    if len(data) < needed:  # several passes over a small dataset
+        from datasets import concatenate_datasets
+
+        data = concatenate_datasets([data] * math.ceil(needed / len(data)))
+    data = data.select(range(needed))
+    target = model if in_place else copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SFTConfig(
+            output_dir=tmp,
+            max_steps=steps,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant",
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accumulation,
+            gradient_checkpointing=False,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=max(1, steps // 5),
+            disable_tqdm=True,
+            seed=seed,
+            bf16=sft_kwargs.pop("bf16", None),
+            **sft_kwargs,
+        )
+        resolve_bf16_default(config)
+        trainer = SFTTrainer(
+            model=target, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
+        )
+        logger.info("Style adaptation: %d steps of %d examples at lr %g", steps, per_device * accumulation, learning_rate)
+        trainer.train()
+        adapted = trainer.model
+    adapted.eval()
+    return adapted
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Precomputed detection
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def detect_known(
+    model,
+    tokenizer,
+    dataset,
+    calibration_dataset=None,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    style_adaptation_steps: int = 0,
+    style_adaptation_kwargs: dict | None = None,
+    style_adaptation_dataset=None,
+    keep_adapted: bool = False,
+    check_greedy: bool = True,
+    progress: bool = True,
+    return_report: bool = False,
+):
+    """
+    Score every example's answer NLL and flag it known (`answer_nll <= threshold`).
+
+    Args:
+        model: causal LM to probe (its weights are not changed unless `keep_adapted=True`).
+        tokenizer: its tokenizer.
+        dataset (`datasets.Dataset`): prompt/completion rows to flag; multiple-choice rows (with `choices` and
+            `answer`) are scored by their answer letter, the others by their completion tokens.
+        calibration_dataset (`datasets.Dataset`, *optional*): held-out rows of the same task to fit the threshold on
+            (Youden's J), required unless `threshold` is given.
+        threshold (`float`, *optional*): use this threshold instead of fitting one.
+        batch_size (`int`): rows per forward pass.
+        style_adaptation_steps (`int`): optimizer steps of style adaptation before scoring (0: none).
+        style_adaptation_kwargs (`dict`, *optional*): arguments of `style_adapt` (`learning_rate`, `batch_size`,
+            `peft_config`, ...).
+        style_adaptation_dataset (`datasets.Dataset`, *optional*): rows to adapt on; defaults to `dataset`.
+        keep_adapted (`bool`): return the adapted model too, to continue training from it.
+        check_greedy (`bool`): for open-ended calibration rows, the ground truth is a greedy-answer match.
+        progress (`bool`): progress bars.
+        return_report (`bool`): also return the `DetectionReport`.
+
+    Returns:
+        The dataset with `answer_nll` (float) and `known` (bool) columns; with `return_report=True`, a tuple
+        `(dataset, report)`; with `keep_adapted=True`, the adapted model is appended to the tuple.
+
+    Under `accelerate launch`, each process scores a share of the rows and the results are gathered in order, so every
+    process returns the same dataset as a single-process run.
+    """
+    if threshold is None and calibration_dataset is None:
+        raise ValueError(
+            "`detect_known` needs a `calibration_dataset` to fit the known/unknown threshold on, or an explicit "
+            "`threshold`."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The dataset to flag is empty.")
+    if is_multiple_choice(dataset):
+        validate_mcq_dataset(dataset, name="dataset")
+    probe = model
+    if style_adaptation_steps > 0:
+        probe = style_adapt(
+            model,
+            tokenizer,
+            style_adaptation_dataset if style_adaptation_dataset is not None else dataset,
+            steps=style_adaptation_steps,
+            **(style_adaptation_kwargs or {}),
+        )
+    report = None
+    if calibration_dataset is not None:
+        if is_multiple_choice(calibration_dataset):
+            validate_mcq_dataset(calibration_dataset, name="calibration_dataset")
+        cal_nll, cal_correct = score_answer_nll(
+            probe, tokenizer, calibration_dataset, batch_size, need_correct=check_greedy, progress=progress,
+            desc="Scoring calibration split",
+        )
+        if cal_correct is None:
+            raise ValueError(
+                "Fitting a threshold on open-ended calibration rows needs `check_greedy=True` (the ground truth is "
+                "whether the greedy answer matches)."
+            )
+        if threshold is None:
+            t, j, tpr, tnr = youden_threshold(cal_nll, cal_correct)
+            report = detection_report(cal_nll, cal_correct, t, j, tpr, tnr)
+            threshold = t
+        else:
+            report = detection_report(cal_nll, cal_correct, threshold)
+    nll, _ = score_answer_nll(probe, tokenizer, dataset, batch_size, progress=progress, desc="Scoring dataset")
+    known = nll <= threshold
+    if report is not None:
+        report.known_fraction = float(known.mean())
+        report.n = int(len(known))
+        report.style_adaptation_steps = style_adaptation_steps
+        logger.info("Knowledge detection:\n%s", report)
+    for column in ("answer_nll", "known"):
+        if column in dataset.column_names:
+            dataset = dataset.remove_columns(column)
+    dataset = dataset.add_column("answer_nll", nll.tolist()).add_column("known", known.tolist())
+    if probe is not model and not keep_adapted:
+        del probe
+    out = (dataset,)
+    if return_report:
+        out += (report,)
+    if keep_adapted:
+        out += (probe,)
+    return out[0] if len(out) == 1 else out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Online detection
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class OnlineKnowledgeDetector:
+    """
+    The threshold of online detection: re-fitted every `refit_steps` optimizer steps on a calibration split with the
+    current model (one batched forward pass over the split, sharded across processes), and compared by the trainer
+    with the per-example answer NLL of each training step.
+
+    Args:
+        calibration_dataset (`datasets.Dataset`): held-out rows of the training task.
+        tokenizer: the model's tokenizer.
+        refit_steps (`int`): optimizer steps between re-fits.
+        batch_size (`int`): rows per forward pass of a re-fit.
+        max_samples (`int`, *optional*): use only the first `max_samples` calibration rows.
+    """
+
+    def __init__(self, calibration_dataset, tokenizer, refit_steps: int = 50, batch_size: int = 32,
+                 max_samples: int | None = None, progress: bool = False):
+        if calibration_dataset is None or len(calibration_dataset) == 0:
+            raise ValueError(
+                "Online detection (`detection='online'`) needs a non-empty `calibration_dataset` passed to the trainer."
+            )
+        if max_samples is not None:
+            calibration_dataset = calibration_dataset.select(range(min(max_samples, len(calibration_dataset))))
+        if is_multiple_choice(calibration_dataset):
+            validate_mcq_dataset(calibration_dataset, name="calibration_dataset")
+        self.calibration_dataset = calibration_dataset
+        self.tokenizer = tokenizer
+        self.refit_steps = refit_steps
+        self.batch_size = batch_size
+        self.progress = progress
+        self.threshold: float | None = None
+        self.last_report: DetectionReport | None = None
+        self.last_refit_step: int | None = None
+        self.history: list[dict] = []
+
+    def due(self, global_step: int) -> bool:
+        return self.threshold is None or (
+            global_step % self.refit_steps == 0 and global_step != self.last_refit_step
+        )
+
+    def refit(self, model, global_step: int = 0) -> DetectionReport:
+        nll, correct = score_answer_nll(
+            model, self.tokenizer, self.calibration_dataset, self.batch_size, need_correct=True,
+            progress=self.progress, desc="Re-fitting the known threshold",
+        )
+        t, j, tpr, tnr = youden_threshold(nll, correct)
+        self.threshold = t
+        self.last_refit_step = global_step
+        self.last_report = detection_report(nll, correct, t, j, tpr, tnr)
+        self.history.append({"step": global_step, **self.last_report.to_dict()})
+        return self.last_report
+
+    def flags(self, example_nll: torch.Tensor) -> torch.Tensor:
+        if self.threshold is None:
+            raise RuntimeError("The online threshold has not been fitted yet; call `refit(model)` first.")
+        return example_nll <= self.threshold
+
+    def state_dict(self) -> dict:
+        return {"threshold": self.threshold, "last_refit_step": self.last_refit_step, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.threshold = state["threshold"]
+        self.last_refit_step = state["last_refit_step"]
+        self.history = list(state.get("history", []))

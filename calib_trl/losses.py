@@ -1,0 +1,325 @@
+"""Calibration loss terms computed without materialising `[batch, seq, vocab]` logits.
+
+CogCalib adds a calibration term to the cross-entropy of the tokens of *known* examples. Written per token, with
+`z` the logits over the vocabulary `V`, `y` the label, `p = softmax(z)` and `NLL = -log p_y`:
+
+- label smoothing (`ls`):       LS_eps  = (1 - eps) NLL + eps mean_v(-log p_v) = NLL + eps (z_y - mean_v z_v)
+- margin-based LS (`mbls`):     MbLS    = NLL + lambda mean_v relu(max_k z_k - z_v - m)
+- confidence penalty (`ecp`):   ECP     = NLL - beta H(p)
+
+so every method is `NLL + term`, and the trainer only needs the per-token `term`:
+
+- `ls`: `z_y - mean_v z_v`. Without final-logit soft-capping, `z = s (h W^T + b)`, so
+  `z_y - mean_v z_v = s (h . (W_y - mean_v W_v) + b_y - mean_v b_v)`: one gather and one mean over the rows of the
+  LM head, `O(tokens x hidden)` (`label_smoothing_term`). With soft-capping the identity does not hold, and the exact
+  mean is computed by `ChunkedLogitPenalty` instead.
+- `mbls`: needs the max logit, so `ChunkedLogitPenalty` projects the selected tokens through the LM head in token
+  chunks (a bounded `[chunk, V]` buffer), and recomputes each chunk in the backward.
+- `ecp`: the entropy that TRL's fused LM head already returns, with its gradient.
+
+`rcft_target` and `rcft_ece_loss` implement the ECE regulariser of RCFT (see `calib_trl.rcft_trainer`).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+
+CALIBRATION_LOSSES = ("ls", "mbls", "ecp", "none")
+
+# Elements of the `[chunk, V]` logits buffer of `ChunkedLogitPenalty` (64 MiB in float32)
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def lm_head_transform(model) -> dict:
+    """
+    How a causal LM turns `hidden @ lm_head.weight.T (+ bias)` into logits: `logit_scale` and `softcap`, read from the
+    config exactly as TRL's fused LM head reads them (`trl.trainer.utils.add_fused_lm_head`).
+    """
+    text_config = model.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": softcap}
+
+
+def full_lm_head_params(lm_head: torch.nn.Module):
+    """
+    The LM head's weight and bias as full tensors, plus a context that keeps them gathered.
+
+    FSDP2 shards parameters as DTensors (gathered with `full_tensor()`, differentiable); DeepSpeed ZeRO-3 partitions
+    them to empty tensors that are only materialised inside their module's forward, so they are gathered for the
+    duration of the context (TRL's `maybe_gather_lm_head_ctx`).
+    """
+    weight, bias = lm_head.weight, lm_head.bias
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    if DTensor and isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        if bias is not None:
+            bias = bias.full_tensor()
+    try:
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        ctx = maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias)
+    except ImportError:  # pragma: no cover - older TRL
+        ctx = nullcontext()
+    return weight, bias, ctx
+
+
+def label_smoothing_term(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logit_scale: float
+) -> torch.Tensor:
+    """
+    `z_y - mean_v z_v` per token through the identity `s (h . (W_y - mean_v W_v) + b_y - mean_v b_v)`.
+
+    Args:
+        hidden: `[N, H]` final hidden states of the selected tokens.
+        labels: `[N]` their next-token labels.
+        weight: `[V, H]` LM head weight; bias: `[V]` or `None`.
+        logit_scale: the model's logit multiplier.
+
+    Only valid without final-logit soft-capping; `ChunkedLogitPenalty` covers that case.
+    """
+    direction = weight[labels] - weight.mean(0)  # [N, H]
+    term = (hidden.to(direction.dtype) * direction).float().sum(-1)
+    if bias is not None:
+        term = term + (bias[labels] - bias.mean()).float()
+    return logit_scale * term
+
+
+def _transform(y: torch.Tensor, logit_scale: float, softcap: float | None):
+    """Logits from the raw projection `y`, and `dz/dy` (needed by the backward)."""
+    y = y * logit_scale
+    if softcap is None:
+        return y, None
+    t = torch.tanh(y / softcap)
+    return softcap * t, (1 - t * t)
+
+
+class ChunkedLogitPenalty(torch.autograd.Function):
+    """
+    Per-token `mean_v z_v` and `mean_v relu(max_k z_k - z_v - margin)` of `z = transform(hidden @ weight.T + bias)`,
+    exact, without the `[N, V]` logits: tokens are projected in chunks of `[chunk, V]`, and the backward recomputes
+    each chunk and turns it into the gradient in place.
+
+    The margin term's subgradient sends `-1/V` to each logit more than `margin` below the max and `+count/V` to the
+    max (the first maximal index, as `torch.max`), matching autograd on the full logits.
+
+    Returns `(mean_logit, margin_penalty)`, each `[N]` float32 or `None` when not requested.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,  # [N, H]
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,  # [V]
+        logit_scale: float,
+        softcap: float | None,
+        margin: float | None,  # None: no margin penalty
+        want_mean: bool,
+    ):
+        ctx.set_materialize_grads(False)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        chunk = max(1, _CHUNK_ELEMENTS // vocab)
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        mean = torch.zeros(n, device=hidden.device, dtype=torch.float32) if want_mean else None
+        penalty = torch.zeros(n, device=hidden.device, dtype=torch.float32) if margin is not None else None
+        max_val = torch.zeros(n, device=hidden.device, dtype=torch.float32)
+        max_idx = torch.zeros(n, device=hidden.device, dtype=torch.long)
+        w = weight.to(dtype)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            y = hidden[start:end].to(dtype) @ w.t()
+            if bias is not None:
+                y = y + bias.to(dtype)
+            z, _ = _transform(y.float(), logit_scale, softcap)
+            if want_mean:
+                mean[start:end] = z.mean(-1)
+            if margin is not None:
+                m, idx = z.max(-1)
+                max_val[start:end], max_idx[start:end] = m, idx
+                penalty[start:end] = ((m - margin).unsqueeze(-1) - z).clamp(min=0).mean(-1)
+        ctx.save_for_backward(hidden, weight, bias, max_val, max_idx)
+        ctx.args = (logit_scale, softcap, margin, want_mean, dtype, chunk)
+        return mean, penalty
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_penalty):
+        hidden, weight, bias, max_val, max_idx = ctx.saved_tensors
+        logit_scale, softcap, margin, want_mean, dtype, chunk = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        grad_h = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
+        use_mean = want_mean and grad_mean is not None
+        use_pen = margin is not None and grad_penalty is not None
+        if not (use_mean or use_pen):
+            return grad_h, grad_w, grad_b, None, None, None, None
+        w = weight.to(dtype)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            h = hidden[start:end].to(dtype)
+            y = h @ w.t()
+            if bias is not None:
+                y = y + bias.to(dtype)
+            z, dz_dy = _transform(y.float(), logit_scale, softcap)
+            g = torch.zeros_like(z)
+            if use_mean:
+                g += (grad_mean[start:end].float() / vocab).unsqueeze(-1)
+            if use_pen:
+                gp = grad_penalty[start:end].float() / vocab
+                below = z < (max_val[start:end] - margin).unsqueeze(-1)
+                g -= below * gp.unsqueeze(-1)
+                count = below.sum(-1).float()
+                g.scatter_add_(1, max_idx[start:end].unsqueeze(-1), (gp * count).unsqueeze(-1))
+            if dz_dy is not None:
+                g *= dz_dy
+            g *= logit_scale
+            if need_h:
+                grad_h[start:end] = g @ w.float()
+            if need_w:
+                grad_w.addmm_(g.t(), h.float())
+            if need_b:
+                grad_b += g.sum(0)
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def calibration_term(
+    method: str,
+    hidden: torch.Tensor | None,
+    labels: torch.Tensor,
+    entropy: torch.Tensor | None,
+    lm_head: torch.nn.Module | None,
+    transform: dict | None,
+    ls_epsilon: float = 0.1,
+    mbls_margin: float = 10.0,
+    mbls_lambda: float = 0.1,
+    ecp_beta: float = 0.1,
+) -> torch.Tensor:
+    """
+    The per-token term that turns `NLL` into the method's standard loss (`L_method - NLL`), for selected tokens.
+
+    Args:
+        method: `"ls"`, `"mbls"` or `"ecp"`.
+        hidden: `[N, H]` final hidden states of the selected tokens (`ls`, `mbls`).
+        labels: `[N]` next-token labels of the selected tokens.
+        entropy: `[N]` differentiable entropies of the selected tokens (`ecp`).
+        lm_head: the model's output embedding module (`ls`, `mbls`).
+        transform: `lm_head_transform(model)`.
+    """
+    if method == "ecp":
+        return -ecp_beta * entropy
+    if method not in ("ls", "mbls"):
+        raise ValueError(f"Unknown calibration method {method!r}; expected one of {CALIBRATION_LOSSES}.")
+    weight, bias, gather_ctx = full_lm_head_params(lm_head)
+    scale, softcap = transform["logit_scale"], transform["softcap"]
+    with gather_ctx:
+        if method == "ls":
+            if softcap is None:
+                return ls_epsilon * label_smoothing_term(hidden, labels, weight, bias, scale)
+            mean, _ = ChunkedLogitPenalty.apply(hidden, weight, bias, scale, softcap, None, True)
+            z_y, _ = _transform(
+                ((hidden * weight[labels]).sum(-1) + (0 if bias is None else bias[labels])).float(), scale, softcap
+            )
+            return ls_epsilon * (z_y - mean)
+        _, penalty = ChunkedLogitPenalty.apply(hidden, weight, bias, scale, softcap, mbls_margin, False)
+        return mbls_lambda * penalty
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RCFT: the EM-style ECE regulariser
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def confidence_bins(confidences: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """
+    Equal-width bin index of each confidence in `[0, 1]`: bin `b` holds `(b/n, (b+1)/n]`, bin 0 also holds 0, so a
+    confidence of exactly 1.0 falls in the top bin (the bin the authors' code never reaches).
+    """
+    edges = torch.linspace(0, 1, n_bins + 1, device=confidences.device, dtype=confidences.dtype)
+    return (torch.bucketize(confidences.detach(), edges[1:-1], right=False)).clamp(0, n_bins - 1)
+
+
+def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor) -> torch.Tensor:
+    """
+    RCFT's M-step target for each row of option probabilities.
+
+    The top entry becomes the accuracy of the row's bin, `acc`; the other `K - 1` entries, sorted descending as
+    `q_1 >= ... >= q_{K-1}`, share the remainder `1 - acc` as
+
+        t_j = (1 - acc) (1 + tanh(gamma q_j)) / (K - 1 + sum_l tanh(gamma q_l)),   gamma = ln(K - 1) / (q_1 (1 - acc)),
+
+    which keeps their rank order (`tanh` is increasing) and sums to `1 - acc`; `t = 0` when `acc = 1`. The targets are
+    returned in the original option order, so each row sums to 1.
+
+    Args:
+        probs: `[N, K]` option probabilities (rows sum to 1), `K >= 2`.
+        bin_accuracy: `[N]` accuracy of each row's confidence bin.
+
+    Returns:
+        `[N, K]` targets, without gradient (a fixed point for the regression, as in the E/M alternation).
+    """
+    probs = probs.detach().float()
+    acc = bin_accuracy.detach().float().to(probs.device)
+    n, k = probs.shape
+    if k < 2:
+        raise ValueError(f"RCFT needs at least 2 options per question, got {k}.")
+    top = probs.argmax(-1)
+    others_mask = torch.ones_like(probs, dtype=torch.bool)
+    others_mask[torch.arange(n), top] = False
+    others = probs[others_mask].view(n, k - 1)  # original order of the non-top options
+    remainder = (1 - acc).unsqueeze(-1)
+    if k == 2:
+        rest = remainder.expand(n, 1)
+    else:
+        q1 = others.max(-1).values.unsqueeze(-1)
+        denom_q = (q1 * remainder).clamp(min=torch.finfo(torch.float32).tiny)
+        gamma = math.log(k - 1) / denom_q
+        th = torch.tanh(gamma * others)
+        rest = remainder * (1 + th) / (k - 1 + th.sum(-1, keepdim=True))
+        # acc = 1 leaves nothing to share; q_1 = 0 (all mass on the top option) shares it equally
+        rest = torch.where(remainder > 0, rest, torch.zeros_like(rest))
+    target = torch.empty_like(probs)
+    target[torch.arange(n), top] = acc
+    target[others_mask] = rest.reshape(-1)
+    return target
+
+
+def rcft_ece_loss(probs: torch.Tensor, bins: torch.Tensor, bin_accuracy: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """
+    RCFT's ECE surrogate: `sum_b (1/N_b) sum_{i in b} [(m_i - acc_b)^2 + sum_j (q_ij - t_ij)^2]`, i.e. the squared
+    distance of each row's option probabilities to its target, averaged within each bin and summed over bins.
+
+    Args:
+        probs: `[N, K]` differentiable option probabilities.
+        bins: `[N]` bin index of each row.
+        bin_accuracy: `[n_bins]` per-bin accuracy (the E-step's estimate).
+        n_bins: number of bins.
+    """
+    acc = bin_accuracy.to(probs.device, torch.float32)[bins]
+    target = rcft_target(probs, acc)
+    sq = ((probs.float() - target) ** 2).sum(-1)
+    counts = torch.zeros(n_bins, device=probs.device).index_add_(0, bins, torch.ones_like(sq))
+    return (sq / counts[bins]).sum()

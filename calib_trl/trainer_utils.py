@@ -1,0 +1,267 @@
+"""Machinery shared by `CalibSFTTrainer` and `RCFTTrainer` on top of `SFTTrainer`.
+
+- `ForwardCapture`: the fused LM head's output and the backbone's last hidden state of the training forward, read
+  through forward hooks, so the trainers reuse `SFTTrainer.compute_loss` unchanged and add their term on top.
+- `CalibrationTrainerMixin`: carrying extra per-example columns through TRL's dataset preparation (including packing,
+  where TRL keeps only `input_ids` and `labels`), the flag collator, checkpointed trainer state, NaN/inf handling.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl.data_utils import pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import FusedCausalLMOutput
+
+from .collator import DataCollatorWithKnowledgeFlags, _as_number
+from .utils import logger
+
+
+STATE_FILE = "calib_trl_state.json"
+
+
+def unwrap_base(model):
+    """The `PreTrainedModel` under a PEFT wrapper (the model TRL patches with its fused LM head)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+class ForwardCapture:
+    """
+    Reads, during one training forward, the fused LM head output (a `FusedCausalLMOutput`) of the top-level model and
+    the last hidden state of its backbone. Hooks on the modules themselves keep working under PEFT, DDP, FSDP and
+    DeepSpeed, which all end up calling these modules; only the first fused call inside `capture()` is kept.
+    """
+
+    def __init__(self, model, want_hidden: bool):
+        self.want_hidden = want_hidden
+        self.active = False
+        self.output = None
+        self.hidden = None
+        self._handles = [model.register_forward_hook(self._on_output)]
+        if want_hidden:
+            self._handles.append(unwrap_base(model).base_model.register_forward_hook(self._on_hidden))
+
+    def _on_output(self, module, args, output):
+        if self.active and self.output is None and isinstance(output, FusedCausalLMOutput):
+            self.output = output
+
+    def _on_hidden(self, module, args, output):
+        if self.active and self.hidden is None:
+            self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    @contextmanager
+    def capture(self):
+        self.output, self.hidden, self.active = None, None, True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def release(self):
+        self.output, self.hidden = None, None
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def shifted(tensor: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """
+    Align a per-token input tensor (a flag of the token being predicted) with the fused head's outputs: the label
+    positions `1:`, unless the labels come pre-shifted (`shift_labels`, context/sequence parallelism).
+    """
+    return tensor if "shift_labels" in inputs else tensor[:, 1:]
+
+
+def predicting(hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The hidden states that predict the fused head's labels: positions `:-1`, unless labels are pre-shifted."""
+    return hidden if "shift_labels" in inputs else hidden[:, :-1]
+
+
+def example_index(inputs: dict, shape: torch.Size, padding_free: bool) -> torch.Tensor:
+    """
+    Index of the example each token belongs to, `[batch, seq]`: the row in a padded batch, the segment (delimited by
+    `position_ids == 0`) in a padding-free or packed one.
+    """
+    rows = torch.arange(shape[0], device=inputs["input_ids"].device)[:, None].expand(shape)
+    if padding_free and "position_ids" in inputs:
+        starts = (inputs["position_ids"] == 0).long()
+        return rows * shape[1] + starts.cumsum(-1) - 1
+    return rows
+
+
+def check_flag_column(dataset, column: str, dataset_name: str) -> tuple[int, int]:
+    """
+    Validate a per-example 0/1 column (`known`): present, boolean-like, no NaN. Returns `(n_true, n)` for a `Dataset`
+    (first example only for an `IterableDataset`).
+    """
+    columns = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset)).keys())
+    if column not in columns:
+        raise ValueError(
+            f"The {dataset_name} dataset has no `{column}` column, which `detection='precomputed'` needs. Run "
+            f"`calib_trl.detect_known(model, tokenizer, dataset, calibration_dataset)` first (or `calib-trl detect`), "
+            f"or set `detection='online'` and pass a `calibration_dataset` to the trainer."
+        )
+    values = [next(iter(dataset))[column]] if isinstance(dataset, IterableDataset) else dataset[column]
+    total = 0.0
+    for i, value in enumerate(values):
+        if isinstance(value, (list, tuple)):
+            raise TypeError(
+                f"`{column}` (row {i}) of the {dataset_name} dataset is a list; it must hold one boolean per example."
+            )
+        try:
+            number = _as_number(value, column)
+        except ValueError as err:
+            raise ValueError(f"{err} (row {i} of the {dataset_name} dataset)") from None
+        if number not in (0.0, 1.0):
+            raise ValueError(
+                f"`{column}` (row {i}) of the {dataset_name} dataset is {value!r}; it must be True/False or 0/1."
+            )
+        total += number
+    return int(total), len(values)
+
+
+class CalibrationTrainerMixin:
+    """Mixed into `SFTTrainer` subclasses before it in the MRO."""
+
+    # Per-example dataset columns the trainer carries into its batches (set in `__init__` before `super().__init__`)
+    _carried_columns: tuple[str, ...] = ()
+
+    # -- data ----------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        carried = [c for c in self._carried_columns if c in (dataset.column_names or [])]
+        if not packing or not carried:
+            # TRL's maps keep extra columns; only packing drops them
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"Packing an `IterableDataset` would drop its `{carried[0]}` column; pack a `datasets.Dataset`, or "
+                "disable packing."
+            )
+        # Tokenize and build labels as TRL does, without truncation (packing handles the length), then pack the
+        # carried columns per token alongside `input_ids`
+        unpacked_args = copy.copy(args)
+        unpacked_args.max_length = None
+        unpacked_args.shuffle_dataset = False
+        dataset = super()._prepare_dataset(dataset, processing_class, unpacked_args, False, formatting_func, dataset_name)
+
+        def per_token(example):
+            n = len(example["input_ids"])
+            return {c: [_as_number(example[c], c)] * n for c in carried}
+
+        map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Spreading {', '.join(carried)} over tokens"}
+        dataset = dataset.map(per_token, **map_kwargs)
+        dataset = dataset.select_columns(["input_ids", "labels", *carried])
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        map_kwargs["desc"] = f"Packing {dataset_name} dataset"
+        dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, map_kwargs)
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in self._carried_columns:
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def _install_flag_collator(self, columns: tuple[str, ...], required: bool) -> None:
+        """Swap TRL's default collator for the flag-carrying one, keeping its settings (padding-free included)."""
+        collator = self.data_collator
+        if type(collator) is DataCollatorForLanguageModeling:
+            self.data_collator = DataCollatorWithKnowledgeFlags(
+                pad_token_id=collator.pad_token_id,
+                padding_free=collator.padding_free,
+                return_position_ids=collator.return_position_ids,
+                pad_to_multiple_of=collator.pad_to_multiple_of,
+                return_tensors=collator.return_tensors,
+                flag_columns=columns,
+                required=required,
+            )
+        elif isinstance(collator, DataCollatorWithKnowledgeFlags):
+            collator.flag_columns = tuple(dict.fromkeys((*collator.flag_columns, *columns)))
+        else:
+            logger.warning(
+                "A custom data collator is in use: it must return the %s column(s) as per-token tensors (see "
+                "`calib_trl.DataCollatorWithKnowledgeFlags`), or training stops at the first batch.",
+                ", ".join(columns),
+            )
+
+    # -- loss helpers --------------------------------------------------------------------------------------------
+
+    def _loss_scale(self, num_items_in_batch) -> float:
+        """`SFTTrainer`'s scaling of a token-normalised loss under `average_tokens_across_devices`."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return self.accelerator.num_processes // self.get_tp_size()
+        return 1
+
+    def _guard_nonfinite(self, loss: torch.Tensor, model) -> torch.Tensor:
+        if torch.isfinite(loss).all():
+            return loss
+        mode = "train" if self.model.training else "eval"
+        if self.args.nonfinite_loss == "raise" or mode == "eval":
+            raise FloatingPointError(
+                f"The {mode} loss is {loss.item()} at step {self.state.global_step}. Lower the learning rate, check the "
+                "data, or set `nonfinite_loss='skip'` to skip such micro-batches (they are counted in "
+                "`calib/skipped_steps`)."
+            )
+        self._skipped_steps += 1
+        logger.warning("Non-finite loss at step %d: micro-batch skipped (%d so far).", self.state.global_step,
+                       self._skipped_steps)
+        # A zero that still reaches every trainable parameter, so DDP's gradient all-reduce sees them all
+        params = [p for p in model.parameters() if p.requires_grad]
+        return sum((p.reshape(-1)[:1].sum() * 0.0 for p in params), torch.zeros((), device=loss.device))
+
+    def _log_mean(self, mode: str, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Log `total / count` summed over processes (both tensors are reduced)."""
+        total = self.accelerator.gather_for_metrics(total.detach().float().reshape(1)).sum()
+        count = self.accelerator.gather_for_metrics(count.detach().float().reshape(1)).sum()
+        self._metrics[mode][name].append((total / count).item() if count > 0 else 0.0)
+
+    # -- checkpointed state --------------------------------------------------------------------------------------
+
+    def _calib_state(self) -> dict:
+        return {"skipped_steps": self._skipped_steps}
+
+    def _load_calib_state(self, state: dict) -> None:
+        self._skipped_steps = state.get("skipped_steps", 0)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump(self._calib_state(), f, indent=2, default=_json_default)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True or (isinstance(checkpoint, bool) and checkpoint):
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            path = os.path.join(checkpoint, STATE_FILE)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    self._load_calib_state(json.load(f))
+            else:
+                logger.warning("%s has no %s: calib-trl state starts afresh.", checkpoint, STATE_FILE)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isinf(value):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Cannot serialise {type(value).__name__}")
