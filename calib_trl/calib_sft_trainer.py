@@ -90,15 +90,14 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
             for name, dataset in evals.items():
                 check_flag_column(dataset, args.known_column, name)
-        self._carried_columns = (args.known_column,) if self._precomputed else ()
+        self._carried_columns = self._flag_columns = (args.known_column,) if self._precomputed else ()
         self._skipped_steps = 0
 
         super().__init__(model, args, *pos_args, **kwargs)
 
         if self._precomputed:
             self._install_flag_collator((args.known_column,), required=True)
-        needs_hidden = args.calibrates and args.calibration_loss in ("ls", "mbls")
-        self._capture = ForwardCapture(self.model, want_hidden=needs_hidden)
+        self._capture = ForwardCapture(self.model, want_hidden=self._needs_hidden())
         self._head_transform = lm_head_transform(unwrap_base(self.model))
         self._answer_nll = args.answer_nll
         if self._answer_nll == "auto":
@@ -122,6 +121,9 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 )
         elif calibration_dataset is not None and not (self._needs_flags and args.detection == "online"):
             logger.info("`calibration_dataset` is only used by online detection; it is ignored here.")
+
+    def _needs_hidden(self) -> bool:
+        return self.args.calibrates and self.args.calibration_loss in ("ls", "mbls")
 
     # -- dataset -------------------------------------------------------------------------------------------------
 
@@ -162,9 +164,8 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
         with self._capture.capture():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            out, hidden = self._capture.output, self._capture.hidden
         loss = result[0] if return_outputs else result
-        out, hidden = self._capture.output, self._capture.hidden
-        self._capture.release()
 
         mask = out.label_mask
         labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]

@@ -307,19 +307,31 @@ def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor) -> torch.Tensor
     return target
 
 
-def rcft_ece_loss(probs: torch.Tensor, bins: torch.Tensor, bin_accuracy: torch.Tensor, n_bins: int) -> torch.Tensor:
+def rcft_ece_loss(
+    probs: torch.Tensor, bins: torch.Tensor, row_accuracy: torch.Tensor, n_bins: int, num_choices: torch.Tensor | None = None
+) -> torch.Tensor:
     """
     RCFT's ECE surrogate: `sum_b (1/N_b) sum_{i in b} [(m_i - acc_b)^2 + sum_j (q_ij - t_ij)^2]`, i.e. the squared
-    distance of each row's option probabilities to its target, averaged within each bin and summed over bins.
+    distance of each row's option probabilities to its `rcft_target`, averaged within each bin and summed over bins
+    (`N_b` counts the rows of this batch in bin `b`).
 
     Args:
-        probs: `[N, K]` differentiable option probabilities.
-        bins: `[N]` bin index of each row.
-        bin_accuracy: `[n_bins]` per-bin accuracy (the E-step's estimate).
+        probs: `[N, K]` differentiable option probabilities (rows with fewer options zero-padded).
+        bins: `[N]` confidence bin of each row (`confidence_bins`).
+        row_accuracy: `[N]` the E-step's accuracy of each row's bin.
         n_bins: number of bins.
+        num_choices: `[N]` options of each row (default: all `K`).
     """
-    acc = bin_accuracy.to(probs.device, torch.float32)[bins]
-    target = rcft_target(probs, acc)
-    sq = ((probs.float() - target) ** 2).sum(-1)
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    k_max = probs.shape[1]
+    if num_choices is None:
+        num_choices = torch.full((probs.shape[0],), k_max, device=probs.device, dtype=torch.long)
+    sq = torch.zeros(probs.shape[0], device=probs.device, dtype=torch.float32)
+    for k in torch.unique(num_choices).tolist():
+        rows = num_choices == k
+        p = probs[rows][:, :k].float()
+        target = rcft_target(p, row_accuracy[rows])
+        sq = sq.index_put((rows.nonzero().squeeze(1),), ((p - target) ** 2).sum(-1))
     counts = torch.zeros(n_bins, device=probs.device).index_add_(0, bins, torch.ones_like(sq))
     return (sq / counts[bins]).sum()

@@ -42,6 +42,7 @@ class ForwardCapture:
     """
 
     def __init__(self, model, want_hidden: bool):
+        self.model = model
         self.want_hidden = want_hidden
         self.active = False
         self.output = None
@@ -60,14 +61,15 @@ class ForwardCapture:
 
     @contextmanager
     def capture(self):
+        """Capture within this block; re-entrant, so an inner block of a subclass shares the outer capture."""
+        if self.active:
+            yield self
+            return
         self.output, self.hidden, self.active = None, None, True
         try:
             yield self
         finally:
-            self.active = False
-
-    def release(self):
-        self.output, self.hidden = None, None
+            self.output, self.hidden, self.active = None, None, False
 
     def remove(self):
         for handle in self._handles:
@@ -133,35 +135,46 @@ def check_flag_column(dataset, column: str, dataset_name: str) -> tuple[int, int
 class CalibrationTrainerMixin:
     """Mixed into `SFTTrainer` subclasses before it in the MRO."""
 
-    # Per-example dataset columns the trainer carries into its batches (set in `__init__` before `super().__init__`)
+    # Dataset columns the trainer carries through preparation (set in `__init__` before `super().__init__`), and the
+    # columns its collator turns into per-token tensors (a subset of them, or columns `_post_tokenize` derives)
     _carried_columns: tuple[str, ...] = ()
+    _flag_columns: tuple[str, ...] = ()
 
-    # -- data ----------------------------------------------------------------------------------------------------
+    def _post_tokenize(self, dataset, args, dataset_name):
+        """Hook on the tokenized (unpacked) dataset, before packing; `RCFTTrainer` locates answer positions here."""
+        return dataset
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         carried = [c for c in self._carried_columns if c in (dataset.column_names or [])]
-        if not packing or not carried:
-            # TRL's maps keep extra columns; only packing drops them
+        if not carried:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if not isinstance(dataset, Dataset):
+        if packing and not isinstance(dataset, Dataset):
             raise ValueError(
                 f"Packing an `IterableDataset` would drop its `{carried[0]}` column; pack a `datasets.Dataset`, or "
                 "disable packing."
             )
-        # Tokenize and build labels as TRL does, without truncation (packing handles the length), then pack the
-        # carried columns per token alongside `input_ids`
-        unpacked_args = copy.copy(args)
-        unpacked_args.max_length = None
-        unpacked_args.shuffle_dataset = False
-        dataset = super()._prepare_dataset(dataset, processing_class, unpacked_args, False, formatting_func, dataset_name)
+        # TRL's maps keep extra columns; only packing drops them. Tokenize and build labels as TRL does (without
+        # truncation when packing, which handles the length itself), then pack the flag columns per token.
+        prep_args = args
+        if packing:
+            prep_args = copy.copy(args)
+            prep_args.max_length = None
+            prep_args.shuffle_dataset = False
+        dataset = super()._prepare_dataset(dataset, processing_class, prep_args, False, formatting_func, dataset_name)
+        dataset = self._post_tokenize(dataset, args, dataset_name)
+        if not packing:
+            return dataset
+        flags = list(self._flag_columns)
 
         def per_token(example):
             n = len(example["input_ids"])
-            return {c: [_as_number(example[c], c)] * n for c in carried}
+            return {
+                c: [_as_number(example[c], c)] * n for c in flags if not isinstance(example[c], (list, tuple))
+            }
 
-        map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Spreading {', '.join(carried)} over tokens"}
+        map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Spreading {', '.join(flags)} over tokens"}
         dataset = dataset.map(per_token, **map_kwargs)
-        dataset = dataset.select_columns(["input_ids", "labels", *carried])
+        dataset = dataset.select_columns(["input_ids", "labels", *flags])
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         map_kwargs["desc"] = f"Packing {dataset_name} dataset"
@@ -172,7 +185,7 @@ class CalibrationTrainerMixin:
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in self._carried_columns:
+        for column in (*self._carried_columns, *self._flag_columns):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 

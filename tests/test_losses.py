@@ -1,0 +1,129 @@
+"""calib_trl.losses: the chunked logit penalty, the LS identity, RCFT's target and ECE term."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from calib_trl import losses
+from calib_trl.losses import ChunkedLogitPenalty, confidence_bins, label_smoothing_term, rcft_ece_loss, rcft_target
+
+
+def authors_target(p, acc):
+    """RCFT's target written as the design states it, one row at a time, on the sorted non-top probabilities."""
+    k = len(p)
+    top = max(range(k), key=lambda j: (p[j], -j))
+    others = sorted([j for j in range(k) if j != top], key=lambda j: -p[j])
+    q = [p[j] for j in others]
+    t = [0.0] * k
+    t[top] = acc
+    if acc < 1:
+        gamma = math.log(k - 1) / (q[0] * (1 - acc))
+        th = [math.tanh(gamma * x) for x in q]
+        for j, x in zip(others, th):
+            t[j] = (1 - acc) * (1 + x) / (k - 1 + sum(th))
+    return t
+
+
+def test_rcft_target_hand_computed():
+    p = torch.tensor([[0.25, 0.6, 0.1, 0.05]])
+    t = rcft_target(p, torch.tensor([0.5]))[0]
+    # gamma = ln 3 / (0.25 * 0.5); tanh(gamma q) for q = 0.25, 0.1, 0.05
+    gamma = math.log(3) / 0.125
+    th = [math.tanh(gamma * q) for q in (0.25, 0.1, 0.05)]
+    denom = 3 + sum(th)
+    expected = [0.5 * (1 + th[0]) / denom, 0.5, 0.5 * (1 + th[1]) / denom, 0.5 * (1 + th[2]) / denom]
+    torch.testing.assert_close(t, torch.tensor(expected), rtol=1e-6, atol=1e-7)
+    assert abs(t.sum().item() - 1) < 1e-6
+
+
+def test_rcft_target_full_accuracy_and_two_options():
+    t = rcft_target(torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([1.0]))
+    torch.testing.assert_close(t, torch.tensor([[1.0, 0.0, 0.0]]))
+    t2 = rcft_target(torch.tensor([[0.3, 0.7]]), torch.tensor([0.6]))
+    torch.testing.assert_close(t2, torch.tensor([[0.4, 0.6]]))
+
+
+probability_rows = st.integers(2, 8).flatmap(
+    lambda k: st.lists(st.lists(st.floats(0.001, 1.0), min_size=k, max_size=k), min_size=1, max_size=6)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=probability_rows, acc=st.floats(0.0, 1.0))
+def test_rcft_target_properties(rows, acc):
+    p = torch.tensor(rows, dtype=torch.float64)
+    p = p / p.sum(-1, keepdim=True)
+    accuracy = torch.full((p.shape[0],), acc)
+    t = rcft_target(p, accuracy).double()
+    torch.testing.assert_close(t.sum(-1), torch.ones(p.shape[0], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert (t >= -1e-7).all()
+    for row_p, row_t in zip(p.tolist(), t.tolist()):
+        top = max(range(len(row_p)), key=lambda j: (row_p[j], -j))
+        assert abs(row_t[top] - acc) < 1e-5
+        others = [j for j in range(len(row_p)) if j != top]
+        for a in others:  # rank order of the non-top entries is kept
+            for b in others:
+                if row_p[a] > row_p[b] + 1e-9:
+                    assert row_t[a] >= row_t[b] - 1e-7
+        torch.testing.assert_close(torch.tensor(row_t), torch.tensor(authors_target(row_p, acc)), rtol=1e-4, atol=1e-5)
+
+
+def reference_ece_loss(p, bins, bin_accuracy, n_bins):
+    total = 0.0
+    for b in range(n_bins):
+        rows = [i for i in range(len(bins)) if bins[i] == b]
+        if not rows:
+            continue
+        s = 0.0
+        for i in rows:
+            t = authors_target(p[i].tolist(), bin_accuracy[b])
+            s += sum((p[i][j].item() - t[j]) ** 2 for j in range(p.shape[1]))
+        total += s / len(rows)
+    return total
+
+
+def test_rcft_ece_loss_matches_reference():
+    torch.manual_seed(0)
+    probs = torch.randn(40, 4).mul(2).softmax(-1)
+    bins = confidence_bins(probs.max(-1).values, 10)
+    bin_accuracy = torch.rand(10)
+    loss = rcft_ece_loss(probs, bins, bin_accuracy[bins], 10)
+    assert abs(loss.item() - reference_ece_loss(probs, bins.tolist(), bin_accuracy.tolist(), 10)) < 1e-5
+
+
+def test_confidence_bins_edges_and_top_bin():
+    conf = torch.tensor([0.0, 0.05, 0.1, 0.1000001, 0.95, 1.0])
+    assert confidence_bins(conf, 10).tolist() == [0, 0, 0, 1, 9, 9]
+
+
+def test_ls_identity_and_chunked_penalty_match_full_logits(monkeypatch):
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 64)  # several chunks
+    torch.manual_seed(1)
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 13, (7,))
+    for softcap in (None, 2.5):
+        z = (h @ w.t() + b) * 0.7
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        ref_mean = z.mean(-1)
+        ref_pen = (z.max(-1, keepdim=True).values - z - 0.5).clamp(min=0).mean(-1)
+        mean, pen = ChunkedLogitPenalty.apply(h, w, b, 0.7, softcap, 0.5, True)
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pen.double(), ref_pen, rtol=1e-5, atol=1e-6)
+        g = torch.randn(7, dtype=torch.float64)
+        got = torch.autograd.grad((mean * g).sum() + (pen * g).sum(), (h, w, b))
+        want = torch.autograd.grad((ref_mean * g).sum() + (ref_pen * g).sum(), (h, w, b))
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    z = (h @ w.t() + b) * 0.7
+    torch.testing.assert_close(label_smoothing_term(h, y, w, b, 0.7), z.gather(1, y[:, None]).squeeze(1) - z.mean(-1), check_dtype=False)
+
+
+def test_calibration_term_rejects_unknown_method():
+    with pytest.raises(ValueError, match="Unknown calibration method"):
+        losses.calibration_term("focal", None, torch.zeros(1), None, None, None)
