@@ -8,9 +8,17 @@ from .collator import DataCollatorWithKnowledgeFlags
 from .knowledge import DetectionReport, OnlineKnowledgeDetector, detect_known, style_adapt, youden_threshold
 from .losses import rcft_target
 from .mcq import make_mcq_example, score_multiple_choice
+from .rcft_config import RCFTConfig
+from .rcft_trainer import RCFTTrainer
+from .callbacks import CalibrationCallback
+from .metrics import calibration_report
 
 
 __all__ = [
+    "CalibrationCallback",
+    "RCFTConfig",
+    "RCFTTrainer",
+    "calibration_report",
     "CalibSFTConfig",
     "CalibSFTTrainer",
     "DataCollatorWithKnowledgeFlags",

@@ -255,11 +255,12 @@ def calibration_term(
 
 def confidence_bins(confidences: torch.Tensor, n_bins: int) -> torch.Tensor:
     """
-    Equal-width bin index of each confidence in `[0, 1]`: bin `b` holds `(b/n, (b+1)/n]`, bin 0 also holds 0, so a
-    confidence of exactly 1.0 falls in the top bin (the bin the authors' code never reaches).
+    Equal-width bin index of each confidence in `[0, 1]`: bin `b` holds `[b/n, (b+1)/n)`, as in `calib_trl.metrics`
+    (and torchmetrics), except that a confidence of exactly 1.0 joins the top bin rather than forming a bin of its
+    own. The top bin is a bin like the others (the authors' code never reaches it).
     """
-    edges = torch.linspace(0, 1, n_bins + 1, device=confidences.device, dtype=confidences.dtype)
-    return (torch.bucketize(confidences.detach(), edges[1:-1], right=False)).clamp(0, n_bins - 1)
+    edges = torch.arange(1, n_bins, device=confidences.device, dtype=torch.float64) / n_bins
+    return torch.bucketize(confidences.detach().double(), edges, right=True).clamp(0, n_bins - 1)
 
 
 def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,16 @@ class RCFTTrainer(CalibSFTTrainer):
                              "turns them into plain text. Format the prompts before passing the dataset instead.")
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
+    def _on_rows_dropped(self, dropped: int, total: int, args, dataset_name: str) -> None:
+        if args.invalid_rows == "raise":
+            raise ValueError(
+                f"{dropped} of the {total} rows of the {dataset_name} dataset have prompts too long for "
+                f"`max_length={args.max_length}`: truncation cuts off their answer position (and their whole "
+                "completion). Raise `max_length`, drop those rows, or set `invalid_rows='exclude'`."
+            )
+        super()._on_rows_dropped(dropped, total, args, dataset_name)
+        self._excluded_rows += dropped
+
     def _post_tokenize(self, dataset, args, dataset_name):
         dataset = super()._post_tokenize(dataset, args, dataset_name)
         tok = getattr(self._processing_class_for_prep, "tokenizer", self._processing_class_for_prep)
@@ -167,7 +177,8 @@ class RCFTTrainer(CalibSFTTrainer):
         # A bin the E-step left empty has no estimate: its rows keep their own confidence as the top target
         accuracy = torch.where(torch.isnan(accuracy), conf, accuracy)
         ece = rcft_ece_loss(probs, bins, accuracy, args.n_bins, num_choices)
-        scale = 1.0 / self.current_gradient_accumulation_steps if (num_items_in_batch is not None and mode == "train") else 1.0
+        steps = getattr(self, "current_gradient_accumulation_steps", 1)
+        scale = 1.0 / steps if (num_items_in_batch is not None and mode == "train") else 1.0
         loss = (1 - args.ece_weight) * base + args.ece_weight * args.ece_scale * ece * scale
 
         self._log_mean(mode, "rcft/ece_loss", ece.detach(), torch.ones((), device=ece.device))

@@ -144,6 +144,14 @@ class CalibrationTrainerMixin:
         """Hook on the tokenized (unpacked) dataset, before packing; `RCFTTrainer` locates answer positions here."""
         return dataset
 
+    def _on_rows_dropped(self, dropped: int, total: int, args, dataset_name: str) -> None:
+        """TRL drops rows whose whole completion `max_length` truncation cut off; say so rather than lose them."""
+        logger.warning(
+            "%d of the %d rows of the %s dataset were dropped: `max_length=%s` truncation left them without any "
+            "completion token. Raise `max_length` to keep them.",
+            dropped, total, dataset_name, args.max_length,
+        )
+
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         carried = [c for c in self._carried_columns if c in (dataset.column_names or [])]
         if not carried:
@@ -160,7 +168,10 @@ class CalibrationTrainerMixin:
             prep_args = copy.copy(args)
             prep_args.max_length = None
             prep_args.shuffle_dataset = False
+        n_before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = super()._prepare_dataset(dataset, processing_class, prep_args, False, formatting_func, dataset_name)
+        if n_before is not None and len(dataset) < n_before:
+            self._on_rows_dropped(n_before - len(dataset), n_before, args, dataset_name)
         dataset = self._post_tokenize(dataset, args, dataset_name)
         if not packing:
             return dataset

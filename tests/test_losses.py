@@ -96,7 +96,7 @@ def test_rcft_ece_loss_matches_reference():
 
 def test_confidence_bins_edges_and_top_bin():
     conf = torch.tensor([0.0, 0.05, 0.1, 0.1000001, 0.95, 1.0])
-    assert confidence_bins(conf, 10).tolist() == [0, 0, 0, 1, 9, 9]
+    assert confidence_bins(conf, 10).tolist() == [0, 0, 1, 1, 9, 9]
 
 
 def test_ls_identity_and_chunked_penalty_match_full_logits(monkeypatch):
