@@ -323,7 +323,7 @@ def style_adapt(
     """
     from trl import SFTConfig, SFTTrainer
 
-    from .utils import resolve_bf16_default
+    from .utils import bf16_supported
 
     if steps <= 0:
         return model
@@ -353,10 +353,9 @@ def style_adapt(
             logging_steps=max(1, steps // 5),
             disable_tqdm=True,
             seed=seed,
-            bf16=sft_kwargs.pop("bf16", None),
+            bf16=sft_kwargs.pop("bf16", bf16_supported()),
             **sft_kwargs,
         )
-        resolve_bf16_default(config)
         trainer = SFTTrainer(
             model=target, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
         )
