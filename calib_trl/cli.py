@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
         print(f"calib-trl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

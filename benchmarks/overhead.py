@@ -1,0 +1,209 @@
+# Copyright 2026 The calib-trl authors. Licensed under the Apache License, Version 2.0.
+"""
+Step time and peak memory of calib-trl's losses against plain `SFTTrainer` on the same run.
+
+    python benchmarks/overhead.py                         # CPU: SmolLM2-135M shape, 2 x 256 tokens
+    python benchmarks/overhead.py --device cuda --shape llama-1b --batch 8 --seq 2048 --dtype bfloat16
+
+Each variant runs in its own process (so peak memory is its own), on the same random token data (every token a
+completion token, half of the examples flagged known), for `--warmup` + `--steps` optimizer steps; the table reports
+the median step time and the peak memory (CUDA: `max_memory_allocated`; CPU: the process's peak RSS, which includes
+the Python runtime and is therefore a coarse measure) relative to `SFTTrainer`. Results go to
+`benchmarks/results/overhead_<device>.json`.
+
+Variants: `sft` (TRL's SFTTrainer), `none` (CalibSFTTrainer with calibration_loss="none"), `ls`/`mbls`/`ecp` on known
+examples, `ls_all`/`mbls_all`/`ecp_all` on every example, `trl_label_smoothing` (SFTConfig.label_smoothing_factor),
+and `full_logits` (a hand-written LS + entropy loss on the full `[B, T, V]` logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+VARIANTS = ["sft", "none", "ls", "mbls", "ecp", "ls_all", "mbls_all", "ecp_all", "trl_label_smoothing", "full_logits"]
+
+SHAPES = {
+    # SmolLM2-135M
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # Llama-3.2-1B
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+def build(args):
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=max(4096, args.seq), **SHAPES[args.shape])
+    dtype = getattr(torch, args.dtype)
+    model = LlamaForCausalLM(config).to(dtype)
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0",
+                                  eos_token="t1")
+    g = torch.Generator().manual_seed(1)
+    n = args.batch * (args.steps + args.warmup)
+    ids = torch.randint(2, config.vocab_size, (n, args.seq), generator=g).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "known": [i % 2 == 0 for i in range(n)]})
+    return model, tok, data
+
+
+def run_variant(args) -> dict:
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from calib_trl import CalibSFTConfig, CalibSFTTrainer
+
+    model, tok, data = build(args)
+    common = dict(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps + args.warmup,
+        report_to=[], save_strategy="no", logging_steps=1000, disable_tqdm=True, gradient_checkpointing=args.gc,
+        bf16=args.dtype == "bfloat16", shuffle_dataset=False, max_length=None, dataloader_num_workers=0,
+        learning_rate=1e-5, use_cpu=args.device == "cpu",
+    )
+    v = args.variant
+    if v in ("sft", "trl_label_smoothing", "full_logits"):
+        cls = FullLogitsTrainer if v == "full_logits" else SFTTrainer
+        cfg = SFTConfig(**common, label_smoothing_factor=0.1 if v == "trl_label_smoothing" else 0.0)
+        trainer = cls(model=model, args=cfg, train_dataset=data.remove_columns("known"), processing_class=tok)
+    else:
+        method, _, scope = v.partition("_")
+        cfg = CalibSFTConfig(**common, calibration_loss=method, apply_to="all" if scope == "all" else "known",
+                             ls_epsilon=0.1, ecp_beta=0.1)
+        trainer = CalibSFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
+
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    trainer.add_callback(Timer())
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    timed = times[args.warmup:]
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {
+        "variant": v,
+        "step_time_s": statistics.median(timed),
+        "step_times_s": timed,
+        "peak_memory_gib": peak,
+        "tokens_per_s": args.batch * args.seq / statistics.median(timed),
+    }
+
+
+def _full_logits_trainer():
+    from trl import SFTTrainer
+
+    class FullLogitsTrainer(SFTTrainer):
+        """LS (eps 0.1) + entropy bonus (beta 0.1) written on the full logits, as one would without calib-trl."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+            labels = labels[:, 1:]
+            mask = labels != -100
+            logp = logits.log_softmax(-1)
+            nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            ls = 0.9 * nll + 0.1 * (-logp).mean(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            per_token = (ls - 0.1 * entropy) * mask
+            n = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            return per_token.sum() / n
+
+    return FullLogitsTrainer
+
+
+FullLogitsTrainer = None
+
+
+def main():
+    global FullLogitsTrainer
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
+    parser.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+
+    if args.variant:  # child process
+        FullLogitsTrainer = _full_logits_trainer()
+        print(json.dumps(run_variant(args)))
+        return
+
+    results = []
+    for variant in args.variants:
+        cmd = [sys.executable, __file__, "--variant", variant] + [
+            f"--{k}={getattr(args, k)}" for k in ("device", "shape", "dtype", "batch", "seq", "steps", "warmup")
+        ] + (["--gc"] if args.gc else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"variant {variant} failed")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"  {variant:<20} {r['step_time_s']:.3f} s/step  {r['peak_memory_gib']:.2f} GiB", flush=True)
+
+    base = next(r for r in results if r["variant"] == "sft")
+    lines = [
+        f"Device {args.device} ({platform.processor() or platform.machine()}, "
+        f"{torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} cores'}), "
+        f"shape {args.shape}, {args.dtype}, batch {args.batch} x {args.seq} tokens, median of {args.steps} steps",
+        "",
+        "| variant | step time (s) | x SFTTrainer | peak memory (GiB) | x SFTTrainer | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        r["time_ratio"] = r["step_time_s"] / base["step_time_s"]
+        r["memory_ratio"] = r["peak_memory_gib"] / base["peak_memory_gib"]
+        lines.append(
+            f"| {r['variant']} | {r['step_time_s']:.3f} | {r['time_ratio']:.3f} | {r['peak_memory_gib']:.2f} | "
+            f"{r['memory_ratio']:.3f} | {r['tokens_per_s']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    path = args.output or os.path.join(os.path.dirname(__file__), "results", f"overhead_{args.device}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"settings": {k: getattr(args, k) for k in ("device", "shape", "dtype", "batch", "seq", "steps",
+                                                                "warmup", "gc")},
+                   "torch": torch.__version__, "results": results, "table": table}, f, indent=2)
+    print(f"\nWrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+# Copyright 2026 The calib-trl authors. Licensed under the Apache License, Version 2.0.
+"""
+Reproduction benchmark: every method on the same data and step budget, evaluated in-domain and out-of-domain.
+
+    python benchmarks/reproduce.py --mode cpu              # small budget on a CPU (about an hour on 2 cores)
+    python benchmarks/reproduce.py --mode gpu              # full scale (MMLU train split) on one GPU
+    python benchmarks/reproduce.py --mode smoke            # a few steps of a tiny random model: checks the pipeline
+
+Methods: the base model, standard SFT, label smoothing on all data, CoLS, CoMbLS, CoECP (precomputed and online
+detection), CFT, RCFT, and CogCalib (CoECP) combined with RCFT. Two regimes, because they behave differently:
+`short` (3 epochs, lr 2e-5, batch 32) and `overfit` (6 epochs, lr 4e-5, batch 64), where standard SFT becomes badly
+overconfident. The CPU mode shrinks the data and the epochs (see MODES) and keeps the learning rates.
+
+Known flags are fitted once per regime (after style adaptation) on the calibration split and shared by the
+precomputed methods. Reports accuracy, ECE, class-wise ECE and Brier on the test split and on the out-of-domain
+subjects; writes `benchmarks/results/reproduce_<mode>.json` and the markdown table into `benchmarks/README.md`
+(between the `reproduce:<mode>` markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+
+import torch
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+REGIMES = {
+    "short": dict(num_train_epochs=3, learning_rate=2e-5, batch_size=32),
+    "overfit": dict(num_train_epochs=6, learning_rate=4e-5, batch_size=64),
+}
+
+MODES = {
+    # train rows, eval rows per split, calibration rows, epochs scale, per-device batch, style steps
+    "gpu": dict(train=None, eval=None, calibration=None, epoch_scale=1.0, per_device=32, style_steps=60, style_batch=64,
+                estep_samples=1000, max_length=1024),
+    "cpu": dict(train=128, eval=200, calibration=200, epoch_scale=0.5, per_device=16, style_steps=10, style_batch=16,
+                estep_samples=128, max_length=512),
+    "smoke": dict(train=16, eval=12, calibration=12, epoch_scale=0.2, per_device=4, style_steps=1, style_batch=4,
+                  estep_samples=16, max_length=256),
+}
+
+# name -> (trainer, config overrides)
+METHODS = {
+    "base": (None, {}),
+    "sft": ("calib", dict(calibration_loss="none")),
+    "ls_all": ("calib", dict(calibration_loss="ls", apply_to="all")),
+    "cols": ("calib", dict(calibration_loss="ls")),
+    "combls": ("calib", dict(calibration_loss="mbls")),
+    "coecp": ("calib", dict(calibration_loss="ecp")),
+    "coecp_online": ("calib", dict(calibration_loss="ecp", detection="online")),
+    "cft": ("rcft", dict(ece_weight=0.0)),
+    "rcft": ("rcft", dict(ece_weight=0.5)),
+    "coecp_rcft": ("rcft", dict(ece_weight=0.5, calibration_loss="ecp")),
+}
+
+
+def load_data(mode: dict, smoke: bool):
+    if smoke:
+        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+        from helpers import make_mcq_dataset
+
+        return {"train": make_mcq_dataset(mode["train"], seed=1), "calibration": make_mcq_dataset(mode["calibration"], seed=2),
+                "test": make_mcq_dataset(mode["eval"], seed=3), "ood": make_mcq_dataset(mode["eval"], seed=4)}
+    from calib_trl.defaults import load_default_dataset
+
+    data = load_default_dataset()
+    caps = {"train": mode["train"], "calibration": mode["calibration"], "test": mode["eval"], "ood": mode["eval"]}
+    return {k: data[k] if caps[k] is None else data[k].select(range(min(caps[k], len(data[k])))) for k in caps}
+
+
+def load_model(smoke: bool, dtype):
+    if smoke:
+        from helpers import make_model, make_tokenizer
+
+        tok = make_tokenizer()
+        return make_model(len(tok), seed=0), tok
+    from calib_trl.defaults import load_default_model, load_default_tokenizer
+
+    return load_default_model(dtype=dtype), load_default_tokenizer()
+
+
+def evaluate(model, tok, data, batch_size):
+    from calib_trl import calibration_report
+    from calib_trl.mcq import score_multiple_choice
+
+    out = {}
+    for split in ("test", "ood"):
+        scores = score_multiple_choice(model, tok, data[split], batch_size=batch_size, progress=False)
+        out[split] = calibration_report(scores.probs, scores.labels)
+    return out
+
+
+def train_method(name, model, tok, data, flagged, regime, mode, args):
+    from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
+
+    kind, overrides = METHODS[name]
+    r = REGIMES[regime]
+    per_device = min(mode["per_device"], r["batch_size"])
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"reproduce-{name}-"),
+        num_train_epochs=r["num_train_epochs"] * mode["epoch_scale"],
+        learning_rate=r["learning_rate"],
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=max(1, r["batch_size"] // per_device),
+        lr_scheduler_type="linear",
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        seed=args.seed,
+        max_length=mode["max_length"],
+    )
+    uses_flags = overrides.get("calibration_loss", "none") != "none" and overrides.get("apply_to", "known") == "known"
+    online = overrides.get("detection") == "online"
+    train = flagged if uses_flags and not online else data["train"]
+    if kind == "rcft":
+        cfg = RCFTConfig(**common, estep_samples=mode["estep_samples"], **overrides)
+        trainer = RCFTTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok)
+    else:
+        cfg = CalibSFTConfig(**common, **overrides)
+        trainer = CalibSFTTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok,
+                                  calibration_dataset=data["calibration"] if online else None)
+    start = time.time()
+    trainer.train()
+    return trainer.model, time.time() - start, trainer.state.global_step
+
+
+def markdown(results, mode_name):
+    keys = ("accuracy", "ece", "cw_ece", "brier")
+    lines = []
+    for regime, rows in results["regimes"].items():
+        sft = rows.get("sft", {}).get("eval")
+        lines += [f"**{regime}** ({results['settings']['regimes'][regime]})", "",
+                  "| method | acc | ECE | cw-ECE | Brier | ECE vs SFT | OOD acc | OOD ECE | OOD cw-ECE | OOD Brier | OOD ECE vs SFT |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            cells = []
+            for split in ("test", "ood"):
+                rep = row["eval"][split]
+                cells += [f"{rep[k]:.3f}" for k in keys]
+                if sft and name not in ("sft",):
+                    base = sft[split]["ece"]
+                    cells.append(f"{100 * (rep['ece'] - base) / base:+.0f} %" if base > 0 else "")
+                else:
+                    cells.append("")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_readme_table(table: str, mode_name: str, header: str):
+    path = os.path.join(HERE, "README.md")
+    start, end = f"<!-- reproduce:{mode_name}:start -->", f"<!-- reproduce:{mode_name}:end -->"
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{start}\n{header}\n\n{table}\n{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=list(MODES), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--no-readme", action="store_true", help="Do not write the table into benchmarks/README.md.")
+    args = parser.parse_args()
+    mode = MODES[args.mode]
+    smoke = args.mode == "smoke"
+    dtype = torch.bfloat16 if args.mode == "gpu" else torch.float32
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+
+    from calib_trl import detect_known
+
+    data = load_data(mode, smoke)
+    base_model, tok = load_model(smoke, dtype)
+    base_model.to(device)
+    results = {
+        "settings": {
+            "mode": args.mode, "mode_settings": mode, "regimes": {r: REGIMES[r] for r in args.regimes},
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "torch": torch.__version__, "platform": platform.platform(), "sizes": {k: len(v) for k, v in data.items()},
+        },
+        "regimes": {},
+    }
+    base_eval = evaluate(base_model, tok, data, args.eval_batch_size) if "base" in args.methods else None
+    for regime in args.regimes:
+        rows = {}
+        if base_eval is not None:
+            rows["base"] = {"eval": base_eval, "train_time_s": 0.0, "steps": 0}
+        flagged, report = detect_known(
+            base_model, tok, data["train"], calibration_dataset=data["calibration"], batch_size=args.eval_batch_size,
+            style_adaptation_steps=mode["style_steps"],
+            style_adaptation_kwargs={"learning_rate": REGIMES[regime]["learning_rate"], "batch_size": mode["style_batch"],
+                                     "per_device_batch_size": min(mode["per_device"], mode["style_batch"])},
+            progress=False, return_report=True,
+        )
+        results.setdefault("detection", {})[regime] = report.to_dict()
+        print(f"[{regime}] detection: {report.detection_accuracy:.3f} accurate, {report.known_fraction:.3f} known",
+              flush=True)
+        for name in args.methods:
+            if name == "base":
+                continue
+            model = copy.deepcopy(base_model)
+            model, seconds, steps = train_method(name, model, tok, data, flagged, regime, mode, args)
+            rows[name] = {"eval": evaluate(model, tok, data, args.eval_batch_size), "train_time_s": seconds,
+                          "steps": steps}
+            r = rows[name]["eval"]
+            print(f"[{regime}] {name:<13} acc {r['test']['accuracy']:.3f} ECE {r['test']['ece']:.3f} | OOD acc "
+                  f"{r['ood']['accuracy']:.3f} ECE {r['ood']['ece']:.3f}  ({steps} steps, {seconds:.0f} s)", flush=True)
+            del model
+            gc.collect()
+        results["regimes"][regime] = rows
+
+    table = markdown(results, args.mode)
+    print("\n" + table)
+    path = args.output or os.path.join(HERE, "results", f"reproduce_{args.mode}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"Wrote {path}")
+    if not args.no_readme and not smoke:
+        s = results["settings"]
+        header = (f"Mode `{args.mode}` on {s['device']}: {s['sizes']['train']} training rows, {s['sizes']['test']} test "
+                  f"and {s['sizes']['ood']} out-of-domain rows (`python benchmarks/reproduce.py --mode {args.mode}`).")
+        write_readme_table(table, args.mode, header)
+
+
+if __name__ == "__main__":
+    main()

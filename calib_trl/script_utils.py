@@ -1,0 +1,112 @@
+"""Shared pieces of the example scripts: script arguments, model and data loading, before/after evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, ScriptArguments
+
+from .cli import format_table, load_mcq_dataset
+from .defaults import resolve_model_name_or_path
+from .mcq import score_multiple_choice
+from .metrics import calibration_report, reliability_diagram_data
+from .plotting import plot_reliability_diagrams
+
+
+@dataclass
+class CalibScriptArguments(ScriptArguments):
+    """Data and evaluation settings of the calib-trl examples (on top of TRL's `ScriptArguments`)."""
+
+    dataset_name: str | None = field(
+        default="default",
+        metadata={"help": "`default` (the embedded MMLU), a `save_to_disk` directory or a JSON(L) file."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Evaluation split (before/after table)."})
+    calibration_split: str = field(default="calibration", metadata={"help": "Split the detection threshold is fitted on."})
+    ood_split: str | None = field(default="ood", metadata={"help": "Out-of-domain split also evaluated (if present)."})
+    max_train_samples: int | None = field(default=192, metadata={"help": "Training rows used (0: all)."})
+    max_eval_samples: int | None = field(default=150, metadata={"help": "Evaluation rows used, per evaluation split (0: all)."})
+    max_calibration_samples: int | None = field(default=150, metadata={"help": "Calibration rows used (0: all)."})
+    style_adaptation_steps: int = field(default=8, metadata={"help": "Style-adaptation steps before detection."})
+    style_adaptation_lr: float = field(default=4e-5, metadata={"help": "Style-adaptation learning rate."})
+    style_adaptation_batch_size: int = field(default=16, metadata={"help": "Style-adaptation batch size."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the calibration evaluations."})
+    calibration_eval_steps: int | None = field(
+        default=None, metadata={"help": "Also measure calibration on the evaluation split every N steps during training."}
+    )
+
+
+def load_model(model_args: ModelConfig, training_args):
+    path = resolve_model_name_or_path(model_args.model_name_or_path)
+    dtype = model_args.dtype
+    if dtype in (None, "auto"):
+        dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=model_args.attn_implementation, revision=model_args.model_revision
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, path
+
+
+def evaluate_splits(model, tokenizer, splits, batch_size):
+    """Calibration report and diagram data of the model on the evaluation and out-of-domain splits."""
+    return {name: evaluate(model, tokenizer, splits[name], batch_size) for name in ("eval", "ood") if name in splits}
+
+
+def evaluate(model, tokenizer, data, batch_size):
+    scores = score_multiple_choice(model, tokenizer, data, batch_size=batch_size, desc="Evaluating", shard=True)
+    return calibration_report(scores.probs, scores.labels), reliability_diagram_data(scores.confidences, scores.correct)
+
+
+def load_splits(script_args):
+    splits = {}
+    for key, name, cap in (
+        ("train", script_args.dataset_train_split, script_args.max_train_samples),
+        ("eval", script_args.dataset_test_split, script_args.max_eval_samples),
+        ("calibration", script_args.calibration_split, script_args.max_calibration_samples),
+        ("ood", script_args.ood_split, script_args.max_eval_samples),
+    ):
+        if name is None:
+            continue
+        try:
+            splits[key] = load_mcq_dataset(script_args.dataset_name, name, cap or None)  # 0: all rows
+        except ValueError:
+            if key in ("train", "eval"):
+                raise
+    return splits
+
+
+def finish(trainer, tokenizer, splits, before, script_args, method):
+    """Evaluate after training, print the before/after table, write the diagrams, the model and its card."""
+    model = trainer.model
+    after = evaluate_splits(model, tokenizer, splits, script_args.eval_batch_size)
+    out = trainer.args.output_dir
+    if trainer.is_world_process_zero():
+        rows, panels = {}, {}
+        for name in after:
+            split = script_args.dataset_test_split if name == "eval" else script_args.ood_split
+            rows[f"base / {split}"] = before[name][0]
+            rows[f"{method} / {split}"] = after[name][0]
+            panels[f"base ({split})"] = before[name][1]
+            panels[f"{method} ({split})"] = after[name][1]
+        keys = ("accuracy", "mean_confidence", "ece", "cw_ece", "brier")
+        print("\n" + format_table(rows, keys))
+        figure = os.path.join(out, "reliability_before_after.png")
+        plot_reliability_diagrams(panels, path=figure, suptitle=f"{method}: before and after fine-tuning")
+        for name, (report, _) in after.items():
+            split = script_args.dataset_test_split if name == "eval" else script_args.ood_split
+            trainer.record_calibration(report, script_args.dataset_name or "default", split,
+                                       diagram=figure if name == "eval" else None)
+        with open(os.path.join(out, "calibration.json"), "w") as f:
+            json.dump({"name": method, "report": after["eval"][0], "reliability_diagram": after["eval"][1],
+                       "before": before["eval"][0], "ood": after.get("ood", (None,))[0]}, f, indent=2)
+        print(f"Wrote {figure}, {out}/calibration.json and the model card {out}/README.md")
+    trainer.save_model(out)
+    trainer.create_model_card(dataset_name=None if script_args.dataset_name == "default" else script_args.dataset_name)
