@@ -1,0 +1,60 @@
+"""CalibrationCallback: logs the calibration metrics through the trainer's loggers, saves diagrams, feeds the card."""
+
+import pytest
+from helpers import make_mcq_dataset, make_model, make_tokenizer
+from transformers import TrainerCallback
+
+from calib_trl import CalibrationCallback, CalibSFTConfig, CalibSFTTrainer, calibration_report
+from calib_trl.mcq import score_multiple_choice
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_callback_logs_saves_and_records(tmp_path):
+    tok = make_tokenizer()
+    train, evaluation = make_mcq_dataset(16, seed=1, known=True), make_mcq_dataset(10, seed=2)
+    args = CalibSFTConfig(str(tmp_path), calibration_loss="ecp", max_steps=4, per_device_train_batch_size=4,
+                          report_to=[], save_strategy="no", disable_tqdm=True, gradient_checkpointing=False,
+                          logging_steps=1)
+    trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=train, processing_class=tok)
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    callback = CalibrationCallback(trainer, evaluation, name="toy", split="test", eval_steps=2, on_epoch=False,
+                                   at_start=True)
+    trainer.add_callback(callback)
+    trainer.train()
+    # before training, at steps 2 and 4 (the end of training falls on step 4: not repeated)
+    assert [h["step"] for h in callback.history] == [0, 2, 4]
+    logged = [log for log in recorder.logs if "calibration/toy/ece" in log]
+    assert len(logged) == 3
+    # the last logged values are those of the final model
+    scores = score_multiple_choice(trainer.model, tok, evaluation, progress=False)
+    final = calibration_report(scores.probs, scores.labels)
+    for key in ("accuracy", "ece", "cw_ece", "brier", "mean_confidence"):
+        assert logged[-1][f"calibration/toy/{key}"] == pytest.approx(final[key])
+    # regular training logs are untouched by the callback's entries
+    assert all("loss" in log for log in recorder.logs if "calibration/toy/ece" not in log and "train_runtime" not in log)
+    for step in (0, 2, 4):
+        assert (tmp_path / "calibration" / f"reliability_toy_test_step{step}.png").stat().st_size > 1000
+    (result,) = trainer.calibration_results
+    assert result["step"] == 4 and result["report"]["ece"] == pytest.approx(final["ece"])
+    assert result["diagram"] == "calibration/reliability_toy_test_step4.png"
+
+
+def test_callback_rejects_bad_dataset(tmp_path):
+    tok = make_tokenizer()
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok)),
+        args=CalibSFTConfig(str(tmp_path), calibration_loss="none", report_to=[], max_steps=1),
+        train_dataset=make_mcq_dataset(4), processing_class=tok,
+    )
+    with pytest.raises(ValueError, match="missing the column"):
+        CalibrationCallback(trainer, make_mcq_dataset(4).remove_columns("answer"))
+    with pytest.raises(ValueError, match="eval_steps"):
+        CalibrationCallback(trainer, make_mcq_dataset(4), eval_steps=0)

@@ -1,0 +1,180 @@
+"""Resuming from a checkpoint continues training exactly where it stopped.
+
+Each case trains for `TOTAL_STEPS` steps without interruption, and again with a checkpoint every `STOP_AT` steps and a
+stop right after the first one, in the middle of the first epoch (16 rows, 2 per device, 2 accumulation steps: 4 steps
+per epoch). A new trainer, whose model starts from other random weights, then resumes from that checkpoint. The
+resumed run must log the same losses and end with the same weights as the uninterrupted one, with its calib-trl state
+(the online detection threshold, the RCFT bin statistics) restored from `calib_trl_state.json` rather than re-estimated
+at the resume step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import pytest
+import torch
+from helpers import make_mcq_dataset, make_model, make_tokenizer
+from transformers import TrainerCallback
+
+from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
+
+
+TOTAL_STEPS = 6
+STOP_AT = 3
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after step `step` (after its checkpoint is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def _args(config_cls, output_dir, **kwargs):
+    base = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=TOTAL_STEPS, learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
+        disable_tqdm=True, activation_checkpointing=False, seed=0, data_seed=0, max_length=1024, bf16=False,
+    )
+    base.update(kwargs)
+    return config_cls(**base)
+
+
+def _losses(trainer):
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def _run_three_ways(tmp_path, build):
+    """
+    `build(output_dir, model_seed, **args)` makes a trainer. Returns the uninterrupted trainer, the resumed one and the
+    checkpoint folder.
+    """
+    full = build(tmp_path / "full", 5)
+    full.train()
+    first = build(tmp_path / "split", 5, save_strategy="steps", save_steps=STOP_AT)
+    first.add_callback(StopAt(STOP_AT))
+    first.train()
+    assert first.state.global_step == STOP_AT
+    checkpoint = tmp_path / "split" / f"checkpoint-{STOP_AT}"
+    assert (checkpoint / "calib_trl_state.json").is_file()
+    resumed = build(tmp_path / "split", 99, save_strategy="steps", save_steps=STOP_AT)
+    return full, resumed, checkpoint
+
+
+def _assert_same_run(full, resumed):
+    assert resumed.state.global_step == full.state.global_step == TOTAL_STEPS
+    want, got = _losses(full), _losses(resumed)
+    assert sorted(want) == list(range(1, TOTAL_STEPS + 1))
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert math.isclose(got[step], want[step], rel_tol=1e-6, abs_tol=1e-7), (step, got[step], want[step])
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _spy(obj, method, calls, record):
+    original = getattr(obj, method)
+
+    def wrapper(*args, **kwargs):
+        calls.append(record())
+        return original(*args, **kwargs)
+
+    setattr(obj, method, wrapper)
+
+
+def test_online_detection_resumes_with_its_threshold(tmp_path):
+    tok = make_tokenizer()
+    train, calibration = make_mcq_dataset(16, seed=6), make_mcq_dataset(16, seed=3)
+
+    def build(output_dir, model_seed, **kwargs):
+        args = _args(CalibSFTConfig, output_dir, calibration_loss="ls", ls_epsilon=0.3, detection="online",
+                     online_refit_steps=2, online_batch_size=8, **kwargs)
+        trainer = CalibSFTTrainer(model=make_model(len(tok), seed=model_seed), args=args, train_dataset=train,
+                                  processing_class=tok, calibration_dataset=calibration)
+        trainer.refits = []
+        _spy(trainer.detector, "refit", trainer.refits, lambda: trainer.state.global_step)
+        return trainer
+
+    full, resumed, checkpoint = _run_three_ways(tmp_path, build)
+    assert full.refits == [0, 2, 4]
+    saved = json.loads((checkpoint / "calib_trl_state.json").read_text())["online_detector"]
+    assert saved["last_refit_step"] == 2
+    assert saved["threshold"] == full.detector.history[1]["threshold"]
+
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    # the threshold comes from the checkpoint: no re-fit at step 3, the next one when due
+    assert resumed.refits == [4]
+    assert [h["step"] for h in resumed.detector.history] == [0, 2, 4]
+    assert resumed.detector.history == full.detector.history
+    thresholds = {h["step"]: h["calib/threshold"] for h in full.state.log_history if "calib/threshold" in h}
+    assert thresholds[STOP_AT + 1] == saved["threshold"]  # step 4 still uses the threshold of the step-2 re-fit
+    assert {h["step"]: h["calib/threshold"] for h in resumed.state.log_history if "calib/threshold" in h} == thresholds
+    fractions = [h["calib/known_token_fraction"] for h in full.state.log_history if "loss" in h]
+    assert any(0 < f < 1 for f in fractions[STOP_AT:]), fractions  # the flags matter after the resume
+    _assert_same_run(full, resumed)
+
+
+@pytest.mark.parametrize("bin_refresh, esteps", [("epoch", [0, 4]), ("2", [0, 2, 4])])
+def test_rcft_resumes_with_its_bin_statistics(tmp_path, bin_refresh, esteps):
+    tok = make_tokenizer()
+    train = make_mcq_dataset(16, seed=2)
+
+    def build(output_dir, model_seed, **kwargs):
+        args = _args(RCFTConfig, output_dir, ece_weight=0.5, ece_scale=5.0, bin_refresh=bin_refresh,
+                     estep_batch_size=8, estep_samples=None, **kwargs)
+        trainer = RCFTTrainer(model=make_model(len(tok), seed=model_seed), args=args, train_dataset=train,
+                              processing_class=tok)
+        trainer.esteps = []
+        _spy(trainer, "estimate_bins", trainer.esteps, lambda: trainer.state.global_step)
+        return trainer
+
+    full, resumed, checkpoint = _run_three_ways(tmp_path, build)
+    assert full.esteps == esteps
+    saved = json.loads((checkpoint / "calib_trl_state.json").read_text())
+    assert saved["rcft_estep_marker"] == (0 if bin_refresh == "epoch" else 2)
+
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    # resuming in the middle of the first epoch does not re-run the E-step; the next one runs when due
+    assert resumed.esteps == [s for s in esteps if s > STOP_AT]
+    for key in ("counts", "accuracy", "confidence"):
+        torch.testing.assert_close(resumed._bin_stats[key], full._bin_stats[key], equal_nan=True, rtol=1e-6, atol=0)
+    _assert_same_run(full, resumed)
+
+
+def test_resume_restores_the_state_the_checkpoint_holds(tmp_path, caplog):
+    """The state file is read at `train(resume_from_checkpoint=...)`, including `True` (the last checkpoint)."""
+    tok = make_tokenizer()
+    train = make_mcq_dataset(8, seed=2)
+    args = _args(RCFTConfig, tmp_path, bin_refresh="once", estep_batch_size=8, estep_samples=None, max_steps=2,
+                 save_strategy="steps", save_steps=1, gradient_accumulation_steps=1)
+    trainer = RCFTTrainer(model=make_model(len(tok), seed=1), args=args, train_dataset=train, processing_class=tok)
+    trainer.train()
+    state_file = tmp_path / "checkpoint-2" / "calib_trl_state.json"
+    state = json.loads(state_file.read_text())
+    state["skipped_steps"] = 7
+    state["rcft_bins"]["accuracy"] = [0.5] * 10
+    state_file.write_text(json.dumps(state))
+    again = RCFTTrainer(model=make_model(len(tok), seed=1), args=args, train_dataset=train, processing_class=tok)
+    calls = []
+    _spy(again, "estimate_bins", calls, lambda: again.state.global_step)
+    again.train(resume_from_checkpoint=True)  # already at max_steps: nothing to train, the state is loaded
+    assert calls == []
+    assert again._skipped_steps == 7
+    assert again._bin_stats["accuracy"].tolist() == [0.5] * 10
+    assert again._bin_stats["counts"].dtype == torch.float64
+    # a checkpoint without the state file (written by another trainer) resumes with a fresh state, and says so
+    os.remove(state_file)
+    fresh = RCFTTrainer(model=make_model(len(tok), seed=1), args=args, train_dataset=train, processing_class=tok)
+    with caplog.at_level(logging.WARNING, logger="calib_trl"):
+        fresh.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "has no calib_trl_state.json: calib-trl state starts afresh" in caplog.text
+    assert fresh._skipped_steps == 0
