@@ -97,6 +97,14 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
         if self._precomputed:
             self._install_flag_collator((args.known_column,), required=True)
+        if args.calibrates and args.calibration_loss in ("ls", "mbls"):
+            plugin = args.deepspeed_plugin
+            if plugin is not None and plugin.zero_stage == 3:
+                logger.warning(
+                    "calibration_loss=%r reads the LM head outside the model's forward; under DeepSpeed ZeRO-3 that "
+                    "path is gathered but not yet verified. `calibration_loss='ecp'` runs entirely inside TRL's fused "
+                    "head and is safe there.", args.calibration_loss,
+                )
         self._capture = ForwardCapture(self.model, want_hidden=self._needs_hidden())
         self._head_transform = lm_head_transform(unwrap_base(self.model))
         self._answer_nll = args.answer_nll
@@ -201,9 +209,9 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         if self.detector is not None and mode == "train":
             self._metrics[mode]["calib/threshold"].append(float(self.detector.threshold))
             self._metrics[mode]["calib/detection_accuracy"].append(self.detector.last_report.detection_accuracy)
-        if mode == "train" and args.nonfinite_loss == "skip":
-            self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
         loss = self._guard_nonfinite(loss, model)
+        if mode == "train" and args.nonfinite_loss == "skip":  # after the guard, so that it counts this micro-batch
+            self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
         return (loss, result[1]) if return_outputs else loss
 
     def _online_flags(self, inputs, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

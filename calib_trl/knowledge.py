@@ -540,3 +540,6 @@ class OnlineKnowledgeDetector:
         self.threshold = state["threshold"]
         self.last_refit_step = state["last_refit_step"]
         self.history = list(state.get("history", []))
+        # The report of the last re-fit, which the trainer logs at every step until the next re-fit
+        last = next((h for h in reversed(self.history) if h.get("step") == self.last_refit_step), None)
+        self.last_report = DetectionReport(**{k: v for k, v in last.items() if k != "step"}) if last else None

@@ -165,9 +165,12 @@ def option_token_ids(
         token = full[n]
         decoded = tokenizer.decode([token]).strip()
         if decoded != letter:
+            pieces = [tokenizer.decode([t]) for t in full[n : n + 3]]
             raise ValueError(
-                f"The option letter {letter!r} is not a single token at the answer position (its first token decodes "
-                f"to {decoded!r}). Option letters must be single tokens; use the letters A, B, C, ... as completions."
+                f"The option letter {letter!r} is not a single token at the answer position: the tokens after the "
+                f"prompt decode to {pieces!r}, so the letter's probability cannot be read off one token. Option letters "
+                "must be single tokens there: move what precedes the letter (e.g. a space) to the end of the prompt "
+                "and make the completion the bare letter, or use a prompt format whose letters are single tokens."
             )
         ids.append(token)
     if len(set(ids)) != len(ids):

@@ -187,6 +187,8 @@ class RCFTTrainer(CalibSFTTrainer):
         for key in ("estep_accuracy", "estep_ece", "estep_cw_ece"):
             self._metrics[mode][f"rcft/{key}"] = [stats[key]]
         loss = self._guard_nonfinite(loss, model)
+        if mode == "train" and args.nonfinite_loss == "skip":
+            self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
         return (loss, result[1]) if return_outputs else loss
 
     def _option_probs(self, model, hidden: torch.Tensor, num_choices: torch.Tensor):

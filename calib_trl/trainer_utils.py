@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import extract_model_from_parallel, is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.data_utils import pack_dataset
@@ -30,7 +30,11 @@ STATE_FILE = "calib_trl_state.json"
 
 
 def unwrap_base(model):
-    """The `PreTrainedModel` under a PEFT wrapper (the model TRL patches with its fused LM head)."""
+    """
+    The `PreTrainedModel` (the model TRL patches with its fused LM head) under the wrappers of distributed training
+    (DDP, DeepSpeed, ...: `compute_loss` receives the wrapped model) and of PEFT.
+    """
+    model = extract_model_from_parallel(model)
     return model.get_base_model() if is_peft_model(model) else model
 
 
@@ -122,8 +126,8 @@ def check_flag_column(dataset, column: str, dataset_name: str) -> tuple[int, int
             )
         try:
             number = _as_number(value, column)
-        except ValueError as err:
-            raise ValueError(f"{err} (row {i} of the {dataset_name} dataset)") from None
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (row {i} of the {dataset_name} dataset)") from None
         if number not in (0.0, 1.0):
             raise ValueError(
                 f"`{column}` (row {i}) of the {dataset_name} dataset is {value!r}; it must be True/False or 0/1."
@@ -153,7 +157,10 @@ class CalibrationTrainerMixin:
         )
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        carried = [c for c in self._carried_columns if c in (dataset.column_names or [])]
+        columns = dataset.column_names
+        if columns is None:  # an `IterableDataset` without features: read the first example's keys
+            columns = list(next(iter(dataset)).keys())
+        carried = [c for c in self._carried_columns if c in columns]
         if not carried:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if packing and not isinstance(dataset, Dataset):

@@ -23,8 +23,8 @@ def check_range(
         ok = ok and (value <= high if high_inclusive else value < high)
     if not ok:
         upper = "" if high is None else (f", {high}]" if high_inclusive else f", {high})")
-        interval = f"[{low}{upper}" if high is not None else f">= {low}"
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
+        interval = f"in [{low}{upper}" if high is not None else f">= {low}"
+        raise ValueError(f"`{name}` must be {interval}, got {value!r}.")
 
 
 def bf16_supported() -> bool:

@@ -17,9 +17,25 @@ import calib_trl.rcft_trainer
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 from calib_trl.mcq import make_mcq_example, option_token_ids, score_multiple_choice, validate_mcq_dataset
 
+COMMON = dict(
+    report_to=[],
+    save_strategy="no",
+    disable_tqdm=True,
+    activation_checkpointing=False,
+    bf16=False,
+    dataloader_pin_memory=False,
+    shuffle_dataset=False,
+    per_device_train_batch_size=2,
+)
 
-COMMON = dict(report_to=[], save_strategy="no", disable_tqdm=True, activation_checkpointing=False, bf16=False,
-              shuffle_dataset=False, per_device_train_batch_size=2)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models run fastest on one thread, which also keeps them fast when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -39,33 +55,58 @@ def with_known(values, seed=0):
     return make_mcq_dataset(len(values), seed=seed).add_column("known", values)
 
 
-# -- the `known` column (precomputed detection) -------------------------------------------------------------------------
+# -- the `known` column (precomputed detection) -----------------------------------------------------------------------
 
 
 def test_missing_known_column(tmp_path, tok):
-    with pytest.raises(ValueError, match=r"The train dataset has no `known` column, which `detection='precomputed'` "
-                                         r"needs\. Run `calib_trl\.detect_known"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path), train_dataset=make_mcq_dataset(4),
-                        processing_class=tok)
+    with pytest.raises(
+        ValueError,
+        match=r"The train dataset has no `known` column, which `detection='precomputed'` "
+        r"needs\. Run `calib_trl\.detect_known",
+    ):
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path),
+            train_dataset=make_mcq_dataset(4),
+            processing_class=tok,
+        )
     # an evaluation dataset is checked too
     with pytest.raises(ValueError, match="The eval dataset has no `known` column"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path), train_dataset=with_known([1, 0]),
-                        eval_dataset=make_mcq_dataset(2), processing_class=tok)
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path),
+            train_dataset=with_known([1, 0]),
+            eval_dataset=make_mcq_dataset(2),
+            processing_class=tok,
+        )
     # another column name, set in the config
     with pytest.raises(ValueError, match="has no `is_known` column"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path, known_column="is_known"),
-                        train_dataset=with_known([1, 0]), processing_class=tok)
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path, known_column="is_known"),
+            train_dataset=with_known([1, 0]),
+            processing_class=tok,
+        )
 
 
 @pytest.mark.parametrize(
     "values, error, message",
     [
-        (["yes", "no", "yes", "no"], TypeError,
-         r"The `known` column must hold booleans or numbers .*got str: 'yes'\. \(row 0 of the train dataset\)"),
-        ([[1, 0], [1], [0], [1]], TypeError,
-         r"`known` \(row 0\) of the train dataset is a list; it must hold one boolean per example"),
-        ([1.0, float("nan"), 0.0, 1.0], ValueError,
-         r"The `known` column holds NaN; every example needs a value .*\(row 1 of the train dataset\)"),
+        (
+            ["yes", "no", "yes", "no"],
+            TypeError,
+            r"The `known` column must hold booleans or numbers .*got str: 'yes'\. \(row 0 of the train dataset\)",
+        ),
+        (
+            [[1, 0], [1], [0], [1]],
+            TypeError,
+            r"`known` \(row 0\) of the train dataset is a list; it must hold one boolean per example",
+        ),
+        (
+            [1.0, float("nan"), 0.0, 1.0],
+            ValueError,
+            r"The `known` column holds NaN; every example needs a value .*\(row 1 of the train dataset\)",
+        ),
         ([0, 1, 2, 0], ValueError, r"`known` \(row 2\) of the train dataset is 2; it must be True/False or 0/1"),
         ([0.0, 0.5, 1.0, 0.0], ValueError, r"`known` \(row 1\) of the train dataset is 0\.5; it must be True/False"),
         ([0, -1, 1, 0], ValueError, r"`known` \(row 1\) of the train dataset is -1; it must be True/False or 0/1"),
@@ -74,27 +115,45 @@ def test_missing_known_column(tmp_path, tok):
 )
 def test_invalid_known_values(tmp_path, tok, values, error, message):
     with pytest.raises(error, match=message):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path), train_dataset=with_known(values),
-                        processing_class=tok)
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path),
+            train_dataset=with_known(values),
+            processing_class=tok,
+        )
 
 
 def test_all_known_or_all_unknown_warns_what_the_loss_becomes(tmp_path, tok):
-    with pytest.warns(UserWarning, match=r"No example of the train dataset is known: with `apply_to='known'` the loss "
-                                         r"is plain cross-entropy \(standard SFT\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"No example of the train dataset is known: with `apply_to='known'` the loss "
+        r"is plain cross-entropy \(standard SFT\)",
+    ):
         CalibSFTTrainer._check_known(with_known([False] * 4), "known", "train")
-    with pytest.warns(UserWarning, match=r"Every example of the train dataset is known: the loss is the calibration "
-                                         r"loss on all data \(`apply_to='all'`\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"Every example of the train dataset is known: the loss is the calibration "
+        r"loss on all data \(`apply_to='all'`\)",
+    ):
         CalibSFTTrainer._check_known(with_known([True] * 4), "known", "train")
     # through the trainer, with 0/1 integers
     with pytest.warns(UserWarning, match="Every example of the train dataset is known"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path), train_dataset=with_known([1] * 4),
-                        processing_class=tok)
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path),
+            train_dataset=with_known([1] * 4),
+            processing_class=tok,
+        )
 
 
 def test_known_column_survives_packing(tmp_path, tok):
     data = make_mcq_dataset(12, seed=21, known=True)
-    trainer = CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path, packing=True, max_length=300),
-                              train_dataset=data, processing_class=tok)
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok)),
+        args=calib_config(tmp_path, packing=True, max_length=300),
+        train_dataset=data,
+        processing_class=tok,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     assert "known" in batch
     assert batch["known"].shape == batch["input_ids"].shape
@@ -104,13 +163,20 @@ def test_known_column_survives_packing(tmp_path, tok):
 def test_packing_an_iterable_dataset_with_flags_is_refused(tmp_path, tok):
     rows = with_known([1, 0, 1, 0]).to_list()
     data = IterableDataset.from_generator(lambda: iter(rows))
-    with pytest.raises(ValueError, match=r"Packing an `IterableDataset` would drop its `known` column; pack a "
-                                         r"`datasets\.Dataset`, or disable packing"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path, packing=True, max_length=300, max_steps=1),
-                        train_dataset=data, processing_class=tok)
+    with pytest.raises(
+        ValueError,
+        match=r"Packing an `IterableDataset` would drop its `known` column; pack a "
+        r"`datasets\.Dataset`, or disable packing",
+    ):
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path, packing=True, max_length=300, max_steps=1),
+            train_dataset=data,
+            processing_class=tok,
+        )
 
 
-# -- multiple-choice rows --------------------------------------------------------------------------------------------
+# -- multiple-choice rows ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -145,8 +211,10 @@ def test_option_letters_split_over_several_tokens(tmp_path, tok):
     # tokens, so the answer position holds a space, not a letter
     data = make_mcq_dataset(4, seed=1, conversational=False)
     assert data[0]["prompt"].endswith("Answer:") and data[0]["completion"].startswith(" ")
-    message = (r"The option letter 'A' is not a single token at the answer position: the tokens after the prompt "
-               r"decode to \[' ', 'A'\].* make the completion the bare letter")
+    message = (
+        r"The option letter 'A' is not a single token at the answer position: the tokens after the prompt "
+        r"decode to \[' ', 'A'\].* make the completion the bare letter"
+    )
     with pytest.raises(ValueError, match=message):
         option_token_ids(tok, data[0]["prompt"], 4, completion=data[0]["completion"])
     with pytest.raises(ValueError, match=message):
@@ -154,8 +222,9 @@ def test_option_letters_split_over_several_tokens(tmp_path, tok):
     with pytest.raises(ValueError, match=message):
         RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path), train_dataset=data, processing_class=tok)
     # the fix the message suggests works: the space ends the prompt, the completion is the bare letter
-    fixed = Dataset.from_list([{**row, "prompt": row["prompt"] + " ", "completion": row["completion"].strip()}
-                               for row in data])
+    fixed = Dataset.from_list(
+        [{**row, "prompt": row["prompt"] + " ", "completion": row["completion"].strip()} for row in data]
+    )
     ids = option_token_ids(tok, fixed[0]["prompt"], 4, completion=fixed[0]["completion"])
     assert [tok.decode([i]) for i in ids] == ["A", "B", "C", "D"]
 
@@ -172,79 +241,137 @@ def test_option_letter_merging_with_the_prompt(tok):
         def decode(self, ids):
             return tok.decode(ids)
 
-    with pytest.raises(ValueError, match=r"The option letter 'A' merges with the end of the prompt .* End the prompt "
-                                         r"on a token boundary"):
+    with pytest.raises(
+        ValueError,
+        match=r"The option letter 'A' merges with the end of the prompt .* End the prompt "
+        r"on a token boundary",
+    ):
         option_token_ids(Merging(), "Question?\n", 2, completion="A")
 
 
 def test_prompts_that_truncation_would_cut_off(tmp_path, tok, caplog):
     data = make_mcq_dataset(4, seed=3)  # prompts of 95 to 109 tokens
-    with pytest.raises(ValueError, match=r"The prompt of row 0 is \d+ tokens long, over `max_length`=50: truncating it "
-                                         r"would cut off the answer position"):
+    with pytest.raises(
+        ValueError,
+        match=r"The prompt of row 0 is \d+ tokens long, over `max_length`=50: truncating it "
+        r"would cut off the answer position",
+    ):
         score_multiple_choice(make_model(len(tok)), tok, data, max_length=50, progress=False)
     # RCFT, loss on the answer only: TRL would silently drop the rows left without completion tokens
-    with pytest.raises(ValueError, match=r"2 of the 4 rows of the train dataset have prompts too long for "
-                                         r"`max_length=100`: truncation cuts off their answer position"):
-        RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path, max_length=100), train_dataset=data,
-                    processing_class=tok)
+    with pytest.raises(
+        ValueError,
+        match=r"2 of the 4 rows of the train dataset have prompts too long for "
+        r"`max_length=100`: truncation cuts off their answer position",
+    ):
+        RCFTTrainer(
+            model=make_model(len(tok)),
+            args=rcft_config(tmp_path, max_length=100),
+            train_dataset=data,
+            processing_class=tok,
+        )
     # RCFT, loss on the whole sequence: the rows are kept, without their answer position
-    with pytest.raises(ValueError, match=r"Row \d of the train dataset cannot get RCFT's ECE term: its answer position "
-                                         r"\(\d+\) is outside the 100 tokens kept \(`max_length=100` cuts it off\)"):
-        RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path, max_length=100,
-                                                                 sft_loss="prompt_and_completion"),
-                    train_dataset=data, processing_class=tok)
+    with pytest.raises(
+        ValueError,
+        match=r"Row \d of the train dataset cannot get RCFT's ECE term: its answer position "
+        r"\(\d+\) is outside the 100 tokens kept \(`max_length=100` cuts it off\)",
+    ):
+        RCFTTrainer(
+            model=make_model(len(tok)),
+            args=rcft_config(tmp_path, max_length=100, sft_loss="prompt_and_completion"),
+            train_dataset=data,
+            processing_class=tok,
+        )
     # `invalid_rows="exclude"` trains them with the SFT loss only, and says how many
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        trainer = RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path, max_length=100,
-                                                                           invalid_rows="exclude"),
-                              train_dataset=data, processing_class=tok)
+        trainer = RCFTTrainer(
+            model=make_model(len(tok)),
+            args=rcft_config(tmp_path, max_length=100, invalid_rows="exclude"),
+            train_dataset=data,
+            processing_class=tok,
+        )
     assert trainer._excluded_rows == 2
     assert "2 of the 4 rows of the train dataset were dropped" in caplog.text
     # CogCalib: the dropped rows are reported too
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path, max_length=100),
-                        train_dataset=data.add_column("known", [1, 0, 1, 0]), processing_class=tok)
-    assert "2 of the 4 rows of the train dataset were dropped: `max_length=100` truncation left them without any " \
-           "completion token" in caplog.text
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path, max_length=100),
+            train_dataset=data.add_column("known", [1, 0, 1, 0]),
+            processing_class=tok,
+        )
+    assert (
+        "2 of the 4 rows of the train dataset were dropped: `max_length=100` truncation left them without any "
+        "completion token" in caplog.text
+    )
 
 
 def test_rcft_needs_a_dataset_with_choices(tmp_path, tok):
     rows = make_mcq_dataset(4).to_list()
     iterable = IterableDataset.from_generator(lambda: iter(rows))
-    with pytest.raises(ValueError, match=r"RCFT needs a `datasets\.Dataset` \(an `IterableDataset` cannot be scored by "
-                                         r"the E-step\)"):
-        RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path), train_dataset=iterable, processing_class=tok)
-    with pytest.raises(ValueError, match=r"The train dataset is missing the column\(s\) \['choices'\]; a "
-                                         r"multiple-choice dataset needs \['prompt', 'choices', 'answer', 'completion'\]"):
-        RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path),
-                    train_dataset=make_mcq_dataset(4).remove_columns("choices"), processing_class=tok)
+    with pytest.raises(
+        ValueError,
+        match=r"RCFT needs a `datasets\.Dataset` \(an `IterableDataset` cannot be scored by "
+        r"the E-step\)",
+    ):
+        RCFTTrainer(
+            model=make_model(len(tok)), args=rcft_config(tmp_path), train_dataset=iterable, processing_class=tok
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"The train dataset is missing the column\(s\) \['choices'\]; a "
+        r"multiple-choice dataset needs \['prompt', 'choices', 'answer', 'completion'\]",
+    ):
+        RCFTTrainer(
+            model=make_model(len(tok)),
+            args=rcft_config(tmp_path),
+            train_dataset=make_mcq_dataset(4).remove_columns("choices"),
+            processing_class=tok,
+        )
     with pytest.raises(ValueError, match=r"`train_dataset` is required"):
         RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path), processing_class=tok)
 
 
-# -- online detection --------------------------------------------------------------------------------------------------
+# -- online detection -------------------------------------------------------------------------------------------------
 
 
 def test_online_detection_needs_a_calibration_dataset(tmp_path, tok):
-    message = r"Online detection \(`detection='online'`\) needs a non-empty `calibration_dataset` passed to the trainer"
+    message = (
+        r"Online detection \(`detection='online'`\) needs a non-empty `calibration_dataset` passed to the trainer"
+    )
     for calibration in (None, make_mcq_dataset(2).select([])):
         with pytest.raises(ValueError, match=message):
-            CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path, detection="online"),
-                            train_dataset=make_mcq_dataset(4), processing_class=tok, calibration_dataset=calibration)
+            CalibSFTTrainer(
+                model=make_model(len(tok)),
+                args=calib_config(tmp_path, detection="online"),
+                train_dataset=make_mcq_dataset(4),
+                processing_class=tok,
+                calibration_dataset=calibration,
+            )
 
 
 def test_online_detection_with_another_kind_of_calibration_data(tmp_path, tok, caplog):
-    open_ended = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Say {w}"}],
-                                     "completion": [{"role": "assistant", "content": w}]} for w in ("cat", "dog")])
+    open_ended = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": f"Say {w}"}], "completion": [{"role": "assistant", "content": w}]}
+            for w in ("cat", "dog")
+        ]
+    )
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path, detection="online"),
-                        train_dataset=make_mcq_dataset(4), processing_class=tok, calibration_dataset=open_ended)
-    assert ("Online detection compares the training NLL (answer letter) with a threshold fitted on open-ended "
-            "calibration rows") in caplog.text
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path, detection="online"),
+            train_dataset=make_mcq_dataset(4),
+            processing_class=tok,
+            calibration_dataset=open_ended,
+        )
+    assert (
+        "Online detection compares the training NLL (answer letter) with a threshold fitted on open-ended "
+        "calibration rows"
+    ) in caplog.text
 
 
-# -- non-finite losses -------------------------------------------------------------------------------------------------
+# -- non-finite losses ------------------------------------------------------------------------------------------------
 
 
 class ParameterSnapshots(TrainerCallback):
@@ -270,10 +397,17 @@ def _nan_at_call(monkeypatch, module, name, bad_calls):
 
 def test_nonfinite_loss_raises_by_default(tmp_path, tok, monkeypatch):
     _nan_at_call(monkeypatch, calib_trl.calib_sft_trainer, "calibration_term", {1})
-    trainer = CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path, max_steps=3, apply_to="all"),
-                              train_dataset=make_mcq_dataset(6), processing_class=tok)
-    with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 1\. Lower the learning rate, check the "
-                                                 r"data, or set `nonfinite_loss='skip'`"):
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok)),
+        args=calib_config(tmp_path, max_steps=3, apply_to="all"),
+        train_dataset=make_mcq_dataset(6),
+        processing_class=tok,
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=r"The train loss is nan at step 1\. Lower the learning rate, check the "
+        r"data, or set `nonfinite_loss='skip'`",
+    ):
         trainer.train()
 
 
@@ -281,20 +415,32 @@ def test_nonfinite_loss_from_an_infinite_weight(tmp_path, tok):
     model = make_model(len(tok))
     with torch.no_grad():
         model.model.norm.weight[0] = float("inf")
-    trainer = CalibSFTTrainer(model=model, args=calib_config(tmp_path, max_steps=1, calibration_loss="ecp"),
-                              train_dataset=make_mcq_dataset(4, known=True), processing_class=tok)
+    trainer = CalibSFTTrainer(
+        model=model,
+        args=calib_config(tmp_path, max_steps=1, calibration_loss="ecp"),
+        train_dataset=make_mcq_dataset(4, known=True),
+        processing_class=tok,
+    )
     with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 0"):
         trainer.train()
 
 
 def test_nonfinite_rcft_loss_raises_or_is_skipped(tmp_path, tok, monkeypatch):
-    _nan_at_call(monkeypatch, calib_trl.rcft_trainer, "rcft_ece_loss", {0, 2})
-    trainer = RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path, max_steps=1), processing_class=tok,
-                          train_dataset=make_mcq_dataset(4))
+    _nan_at_call(monkeypatch, calib_trl.rcft_trainer, "rcft_ece_loss", {0, 1})  # each trainer's first step
+    trainer = RCFTTrainer(
+        model=make_model(len(tok)),
+        args=rcft_config(tmp_path, max_steps=1),
+        processing_class=tok,
+        train_dataset=make_mcq_dataset(4),
+    )
     with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 0"):
         trainer.train()
-    trainer = RCFTTrainer(model=make_model(len(tok)), processing_class=tok, train_dataset=make_mcq_dataset(4),
-                          args=rcft_config(tmp_path, max_steps=2, nonfinite_loss="skip", logging_steps=1))
+    trainer = RCFTTrainer(
+        model=make_model(len(tok)),
+        processing_class=tok,
+        train_dataset=make_mcq_dataset(4),
+        args=rcft_config(tmp_path, max_steps=2, nonfinite_loss="skip", logging_steps=1),
+    )
     trainer.train()
     assert trainer._skipped_steps == 1
     assert [h["calib/skipped_steps"] for h in trainer.state.log_history if "loss" in h] == [1, 1]
@@ -304,10 +450,16 @@ def test_nonfinite_loss_skip_leaves_the_parameters_unchanged(tmp_path, tok, monk
     _nan_at_call(monkeypatch, calib_trl.calib_sft_trainer, "calibration_term", {1})
     snapshots = ParameterSnapshots()
     # plain SGD: an update is exactly the step's gradient, so a skipped step leaves every parameter as it was
-    args = calib_config(tmp_path, max_steps=4, nonfinite_loss="skip", optim="sgd", learning_rate=0.1, logging_steps=1,
-                        apply_to="all")
-    trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=make_mcq_dataset(8),
-                              processing_class=tok, callbacks=[snapshots])
+    args = calib_config(
+        tmp_path, max_steps=4, nonfinite_loss="skip", optim="sgd", learning_rate=0.1, logging_steps=1, apply_to="all"
+    )
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok)),
+        args=args,
+        train_dataset=make_mcq_dataset(8),
+        processing_class=tok,
+        callbacks=[snapshots],
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert trainer.state.global_step == 4
@@ -325,7 +477,7 @@ def test_nonfinite_loss_skip_leaves_the_parameters_unchanged(tmp_path, tok, monk
     assert all(math.isfinite(h["loss"]) for h in logs)
 
 
-# -- hyperparameters ------------------------------------------------------------------------------------------------
+# -- hyperparameters --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -339,7 +491,10 @@ def test_nonfinite_loss_skip_leaves_the_parameters_unchanged(tmp_path, tok, monk
         (dict(ecp_beta=-1.0), r"`ecp_beta` must be >= 0\.0, got -1\.0"),
         (dict(calibration_weight=1.5), r"`calibration_weight` must be in \[0\.0, 1\.0\], got 1\.5"),
         (dict(calibration_weight=-0.1), r"`calibration_weight` must be in \[0\.0, 1\.0\], got -0\.1"),
-        (dict(calibration_loss="focal"), r"`calibration_loss` must be one of \['ls', 'mbls', 'ecp', 'none'\], got 'focal'"),
+        (
+            dict(calibration_loss="focal"),
+            r"`calibration_loss` must be one of \['ls', 'mbls', 'ecp', 'none'\], got 'focal'",
+        ),
         (dict(apply_to="some"), r"`apply_to` must be one of \['known', 'all', 'none'\], got 'some'"),
         (dict(detection="auto"), r"`detection` must be one of \['precomputed', 'online'\], got 'auto'"),
         (dict(answer_nll="last"), r"`answer_nll` must be one of \['auto', 'first', 'mean'\], got 'last'"),
@@ -362,8 +517,11 @@ def test_invalid_calib_sft_hyperparameters(tmp_path, kwargs, message):
         (dict(ece_weight=-0.5), r"`ece_weight` must be in \[0\.0, 1\.0\], got -0\.5"),
         (dict(ece_scale=-1.0), r"`ece_scale` must be >= 0\.0, got -1\.0"),
         (dict(calibration_weight=2.0), r"`calibration_weight` must be in \[0\.0, 1\.0\], got 2\.0"),
-        (dict(bin_refresh="sometimes"), r"`bin_refresh` must be 'once', 'epoch' or a positive number of steps, got "
-                                        r"'sometimes'"),
+        (
+            dict(bin_refresh="sometimes"),
+            r"`bin_refresh` must be 'once', 'epoch' or a positive number of steps, got "
+            r"'sometimes'",
+        ),
         (dict(bin_refresh="0"), r"`bin_refresh` must be .* a positive number of steps, got '0'"),
         (dict(bin_refresh=-5), r"`bin_refresh` must be .* a positive number of steps, got '-5'"),
         (dict(bin_refresh=2.5), r"`bin_refresh` must be .* a positive number of steps, got '2\.5'"),
@@ -371,8 +529,10 @@ def test_invalid_calib_sft_hyperparameters(tmp_path, kwargs, message):
         (dict(sft_loss="all"), r"`sft_loss` must be one of \['completion', 'prompt_and_completion'\], got 'all'"),
         (dict(invalid_rows="drop"), r"`invalid_rows` must be one of \['raise', 'exclude'\], got 'drop'"),
         (dict(estep_samples=5), r"`estep_samples` must be at least `n_bins` \(10\), got 5"),
-        (dict(sft_loss="completion", completion_only_loss=False),
-         r"`sft_loss='completion'` contradicts `completion_only_loss=False`"),
+        (
+            dict(sft_loss="completion", completion_only_loss=False),
+            r"`sft_loss='completion'` contradicts `completion_only_loss=False`",
+        ),
     ],
 )
 def test_invalid_rcft_hyperparameters(tmp_path, kwargs, message):
@@ -389,24 +549,50 @@ def test_valid_edge_values_are_accepted(tmp_path):
 
 
 def test_wrong_config_class_and_incompatible_sft_options(tmp_path, tok):
-    with pytest.raises(TypeError, match=r"`args` must be a `CalibSFTConfig`, got SFTConfig\. Build one with the same "
-                                        r"arguments"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=SFTConfig(str(tmp_path), report_to=[], bf16=False),
-                        train_dataset=with_known([1, 0]), processing_class=tok)
+    with pytest.raises(
+        TypeError,
+        match=r"`args` must be a `CalibSFTConfig`, got SFTConfig\. Build one with the same "
+        r"arguments",
+    ):
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=SFTConfig(str(tmp_path), report_to=[], bf16=False),
+            train_dataset=with_known([1, 0]),
+            processing_class=tok,
+        )
     with pytest.raises(TypeError, match=r"`args` must be an `RCFTConfig`, got CalibSFTConfig"):
-        RCFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path), train_dataset=make_mcq_dataset(2),
-                    processing_class=tok)
-    with pytest.raises(ValueError, match=r"`label_smoothing_factor` and `compute_loss_func` replace the fused LM head's "
-                                         r"loss and cannot be combined with a calibration loss"):
-        CalibSFTTrainer(model=make_model(len(tok)), args=calib_config(tmp_path, label_smoothing_factor=0.1),
-                        train_dataset=with_known([1, 0]), processing_class=tok)
+        RCFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path),
+            train_dataset=make_mcq_dataset(2),
+            processing_class=tok,
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"`label_smoothing_factor` and `compute_loss_func` replace the fused LM head's "
+        r"loss and cannot be combined with a calibration loss",
+    ):
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=calib_config(tmp_path, label_smoothing_factor=0.1),
+            train_dataset=with_known([1, 0]),
+            processing_class=tok,
+        )
 
 
 def test_formatting_func_is_refused_by_rcft(tmp_path, tok):
-    with pytest.raises(ValueError, match=r"RCFT needs prompt/completion rows to find the answer position; a "
-                                         r"`formatting_func` turns them into plain text"):
-        RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path, sft_loss="prompt_and_completion"),
-                    train_dataset=make_mcq_dataset(2), processing_class=tok, formatting_func=lambda row: row["prompt"][0]["content"])
+    with pytest.raises(
+        ValueError,
+        match=r"RCFT needs prompt/completion rows to find the answer position; a "
+        r"`formatting_func` turns them into plain text",
+    ):
+        RCFTTrainer(
+            model=make_model(len(tok)),
+            args=rcft_config(tmp_path, sft_loss="prompt_and_completion"),
+            train_dataset=make_mcq_dataset(2),
+            processing_class=tok,
+            formatting_func=lambda row: row["prompt"][0]["content"],
+        )
 
 
 def test_mcq_example_with_bad_answer():

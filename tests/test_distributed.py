@@ -23,11 +23,9 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 
-
 SCRIPTS = Path(__file__).parent / "distributed_scripts"
 sys.path.insert(0, str(SCRIPTS))
 import run_training  # noqa: E402
-
 
 pytestmark = pytest.mark.distributed
 
@@ -43,8 +41,10 @@ def _free_port() -> int:
 
 def _open_ended(words):
     return Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": f"Say {w}"}], "completion": [{"role": "assistant", "content": w}]}
-         for w in words]
+        [
+            {"prompt": [{"role": "user", "content": f"Say {w}"}], "completion": [{"role": "assistant", "content": w}]}
+            for w in words
+        ]
     )
 
 
@@ -57,9 +57,9 @@ def _prepare(workdir: Path) -> None:
         "mcq_known": make_mcq_dataset(12, seed=1, known=True),
         "mcq_online": make_mcq_dataset(12, seed=6),
         # RCFT: 2, 3 and 4 options, so that the rows spread over several confidence bins
-        "mcq_train": concatenate_datasets(
-            [make_mcq_dataset(4, seed=2 + k, num_choices=k) for k in (2, 3, 4)]
-        ).shuffle(seed=0).flatten_indices(),
+        "mcq_train": concatenate_datasets([make_mcq_dataset(4, seed=2 + k, num_choices=k) for k in (2, 3, 4)])
+        .shuffle(seed=0)
+        .flatten_indices(),
         "mcq_calibration": make_mcq_dataset(24, seed=3),
         # odd sizes: the last shard of a 2-process scoring pass is padded
         "mcq_detect": make_mcq_dataset(11, seed=4),
@@ -76,15 +76,35 @@ def _prepare(workdir: Path) -> None:
 def runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("distributed")
     _prepare(workdir)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
-                                                                                 os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    )
     # `--multi_gpu` selects accelerate's torchrun launcher (`--cpu` alone starts a single process without mpirun);
     # `use_cpu=True` in the script's configs then makes the group a gloo one on the CPU.
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-        "--main_process_port", str(_free_port()), str(SCRIPTS / "run_training.py"), str(workdir),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPTS / "run_training.py"),
+        str(workdir),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -93,7 +113,13 @@ def runs(tmp_path_factory):
         with open(workdir / "out" / f"rank{rank}.json") as f:
             record = json.load(f)
         ranks.append((record, torch.load(workdir / "out" / f"rank{rank}.pt")))
-    reference = run_training.run_all(str(workdir), grad_accum=2, run_dir=str(workdir / "runs-1"))
+    # one thread, like each launched process, so that `detect_known` can be compared bit for bit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = run_training.run_all(str(workdir), grad_accum=2, run_dir=str(workdir / "runs-1"))
+    finally:
+        torch.set_num_threads(threads)
     reference = (json.loads(json.dumps(reference[0])), reference[1])
     initial = run_training._load(str(workdir))[0].state_dict()
     return {"ranks": ranks, "reference": reference, "initial": initial}
@@ -127,10 +153,21 @@ def test_two_processes_ran_and_hold_identical_results(runs):
 
 
 # Logged values that are the same quantity in both runs. The token-weighted metrics (`calib/nll`,
-# `calib/known_token_fraction`, TRL's `entropy`, ...) are averaged per micro-batch, as TRL averages its own metrics: with
-# gradient accumulation that is a mean over micro-batches, across processes a pooled mean, so they are not compared.
-COMPARED_LOGS = ("loss", "grad_norm", "learning_rate", "epoch", "rcft/ece_loss", "calib/threshold",
-                 "calib/detection_accuracy", "rcft/estep_accuracy", "rcft/estep_ece", "rcft/estep_cw_ece")
+# `calib/known_token_fraction`, TRL's `entropy`, ...) are averaged per micro-batch, as TRL averages its own metrics:
+# with gradient accumulation that is a mean over micro-batches, across processes a pooled mean, so they are not
+# compared.
+COMPARED_LOGS = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "epoch",
+    "rcft/ece_loss",
+    "calib/threshold",
+    "calib/detection_accuracy",
+    "rcft/estep_accuracy",
+    "rcft/estep_ece",
+    "rcft/estep_cw_ece",
+)
 
 
 @pytest.mark.parametrize("name", list(run_training.CONFIGS))

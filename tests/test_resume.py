@@ -1,11 +1,11 @@
 """Resuming from a checkpoint continues training exactly where it stopped.
 
-Each case trains for `TOTAL_STEPS` steps without interruption, and again with a checkpoint every `STOP_AT` steps and a
-stop right after the first one, in the middle of the first epoch (16 rows, 2 per device, 2 accumulation steps: 4 steps
-per epoch). A new trainer, whose model starts from other random weights, then resumes from that checkpoint. The
-resumed run must log the same losses and end with the same weights as the uninterrupted one, with its calib-trl state
-(the online detection threshold, the RCFT bin statistics) restored from `calib_trl_state.json` rather than re-estimated
-at the resume step.
+Each case trains for `TOTAL_STEPS` steps without interruption, and again with a checkpoint every `stop_at` steps and a
+stop right after the first one: in the middle of the first epoch (step 3) or at its end (step 4; 16 rows, 2 per
+device, 2 accumulation steps: 4 steps per epoch). A new trainer, whose model starts from other random weights, then
+resumes from that checkpoint. The resumed run must log the same losses and end with the same weights as the
+uninterrupted one, with its calib-trl state (the online detection threshold, the RCFT bin statistics) restored from
+`calib_trl_state.json` rather than re-estimated at the resume step.
 """
 
 from __future__ import annotations
@@ -22,9 +22,16 @@ from transformers import TrainerCallback
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 
-
 TOTAL_STEPS = 6
-STOP_AT = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models run fastest on one thread, which also keeps them fast when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class StopAt(TrainerCallback):
@@ -41,9 +48,21 @@ class StopAt(TrainerCallback):
 
 def _args(config_cls, output_dir, **kwargs):
     base = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=TOTAL_STEPS, learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
-        disable_tqdm=True, activation_checkpointing=False, seed=0, data_seed=0, max_length=1024, bf16=False,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=TOTAL_STEPS,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        activation_checkpointing=False,
+        dataloader_pin_memory=False,
+        seed=0,
+        data_seed=0,
+        max_length=1024,
+        bf16=False,
     )
     base.update(kwargs)
     return config_cls(**base)
@@ -53,20 +72,20 @@ def _losses(trainer):
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-def _run_three_ways(tmp_path, build):
+def _run_three_ways(tmp_path, build, stop_at):
     """
     `build(output_dir, model_seed, **args)` makes a trainer. Returns the uninterrupted trainer, the resumed one and the
     checkpoint folder.
     """
     full = build(tmp_path / "full", 5)
     full.train()
-    first = build(tmp_path / "split", 5, save_strategy="steps", save_steps=STOP_AT)
-    first.add_callback(StopAt(STOP_AT))
+    first = build(tmp_path / "split", 5, save_strategy="steps", save_steps=stop_at)
+    first.add_callback(StopAt(stop_at))
     first.train()
-    assert first.state.global_step == STOP_AT
-    checkpoint = tmp_path / "split" / f"checkpoint-{STOP_AT}"
+    assert first.state.global_step == stop_at
+    checkpoint = tmp_path / "split" / f"checkpoint-{stop_at}"
     assert (checkpoint / "calib_trl_state.json").is_file()
-    resumed = build(tmp_path / "split", 99, save_strategy="steps", save_steps=STOP_AT)
+    resumed = build(tmp_path / "split", 99, save_strategy="steps", save_steps=stop_at)
     return full, resumed, checkpoint
 
 
@@ -91,60 +110,85 @@ def _spy(obj, method, calls, record):
     setattr(obj, method, wrapper)
 
 
-def test_online_detection_resumes_with_its_threshold(tmp_path):
+@pytest.mark.parametrize("stop_at", [3, 4])
+def test_online_detection_resumes_with_its_threshold(tmp_path, stop_at):
     tok = make_tokenizer()
     train, calibration = make_mcq_dataset(16, seed=6), make_mcq_dataset(16, seed=3)
 
     def build(output_dir, model_seed, **kwargs):
-        args = _args(CalibSFTConfig, output_dir, calibration_loss="ls", ls_epsilon=0.3, detection="online",
-                     online_refit_steps=2, online_batch_size=8, **kwargs)
-        trainer = CalibSFTTrainer(model=make_model(len(tok), seed=model_seed), args=args, train_dataset=train,
-                                  processing_class=tok, calibration_dataset=calibration)
+        args = _args(
+            CalibSFTConfig,
+            output_dir,
+            calibration_loss="ls",
+            ls_epsilon=0.3,
+            detection="online",
+            online_refit_steps=2,
+            online_batch_size=8,
+            **kwargs,
+        )
+        trainer = CalibSFTTrainer(
+            model=make_model(len(tok), seed=model_seed),
+            args=args,
+            train_dataset=train,
+            processing_class=tok,
+            calibration_dataset=calibration,
+        )
         trainer.refits = []
         _spy(trainer.detector, "refit", trainer.refits, lambda: trainer.state.global_step)
         return trainer
 
-    full, resumed, checkpoint = _run_three_ways(tmp_path, build)
+    full, resumed, checkpoint = _run_three_ways(tmp_path, build, stop_at)
     assert full.refits == [0, 2, 4]
     saved = json.loads((checkpoint / "calib_trl_state.json").read_text())["online_detector"]
-    assert saved["last_refit_step"] == 2
+    assert saved["last_refit_step"] == 2  # the re-fit "at step 4" runs at the start of the fifth step
     assert saved["threshold"] == full.detector.history[1]["threshold"]
 
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    # the threshold comes from the checkpoint: no re-fit at step 3, the next one when due
+    # the threshold comes from the checkpoint: no re-fit at step 3; the one due at step 4 runs once
     assert resumed.refits == [4]
     assert [h["step"] for h in resumed.detector.history] == [0, 2, 4]
     assert resumed.detector.history == full.detector.history
     thresholds = {h["step"]: h["calib/threshold"] for h in full.state.log_history if "calib/threshold" in h}
-    assert thresholds[STOP_AT + 1] == saved["threshold"]  # step 4 still uses the threshold of the step-2 re-fit
+    assert thresholds[4] == saved["threshold"]  # the fourth step still uses the threshold of the step-2 re-fit
     assert {h["step"]: h["calib/threshold"] for h in resumed.state.log_history if "calib/threshold" in h} == thresholds
     fractions = [h["calib/known_token_fraction"] for h in full.state.log_history if "loss" in h]
-    assert any(0 < f < 1 for f in fractions[STOP_AT:]), fractions  # the flags matter after the resume
+    assert any(0 < f < 1 for f in fractions[stop_at:]), fractions  # the flags matter after the resume
     _assert_same_run(full, resumed)
 
 
+@pytest.mark.parametrize("stop_at", [3, 4])
 @pytest.mark.parametrize("bin_refresh, esteps", [("epoch", [0, 4]), ("2", [0, 2, 4])])
-def test_rcft_resumes_with_its_bin_statistics(tmp_path, bin_refresh, esteps):
+def test_rcft_resumes_with_its_bin_statistics(tmp_path, bin_refresh, esteps, stop_at):
     tok = make_tokenizer()
     train = make_mcq_dataset(16, seed=2)
 
     def build(output_dir, model_seed, **kwargs):
-        args = _args(RCFTConfig, output_dir, ece_weight=0.5, ece_scale=5.0, bin_refresh=bin_refresh,
-                     estep_batch_size=8, estep_samples=None, **kwargs)
-        trainer = RCFTTrainer(model=make_model(len(tok), seed=model_seed), args=args, train_dataset=train,
-                              processing_class=tok)
+        args = _args(
+            RCFTConfig,
+            output_dir,
+            ece_weight=0.5,
+            ece_scale=5.0,
+            bin_refresh=bin_refresh,
+            estep_batch_size=8,
+            estep_samples=None,
+            **kwargs,
+        )
+        trainer = RCFTTrainer(
+            model=make_model(len(tok), seed=model_seed), args=args, train_dataset=train, processing_class=tok
+        )
         trainer.esteps = []
         _spy(trainer, "estimate_bins", trainer.esteps, lambda: trainer.state.global_step)
         return trainer
 
-    full, resumed, checkpoint = _run_three_ways(tmp_path, build)
+    full, resumed, checkpoint = _run_three_ways(tmp_path, build, stop_at)
     assert full.esteps == esteps
     saved = json.loads((checkpoint / "calib_trl_state.json").read_text())
     assert saved["rcft_estep_marker"] == (0 if bin_refresh == "epoch" else 2)
 
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    # resuming in the middle of the first epoch does not re-run the E-step; the next one runs when due
-    assert resumed.esteps == [s for s in esteps if s > STOP_AT]
+    # the bins come from the checkpoint: no E-step at the resume itself when none is due (mid-epoch, or between two
+    # refresh steps); the next one (the new epoch's, the one due at step 4) runs once
+    assert resumed.esteps == [s for s in esteps if s >= stop_at] == [4]
     for key in ("counts", "accuracy", "confidence"):
         torch.testing.assert_close(resumed._bin_stats[key], full._bin_stats[key], equal_nan=True, rtol=1e-6, atol=0)
     _assert_same_run(full, resumed)
@@ -154,8 +198,17 @@ def test_resume_restores_the_state_the_checkpoint_holds(tmp_path, caplog):
     """The state file is read at `train(resume_from_checkpoint=...)`, including `True` (the last checkpoint)."""
     tok = make_tokenizer()
     train = make_mcq_dataset(8, seed=2)
-    args = _args(RCFTConfig, tmp_path, bin_refresh="once", estep_batch_size=8, estep_samples=None, max_steps=2,
-                 save_strategy="steps", save_steps=1, gradient_accumulation_steps=1)
+    args = _args(
+        RCFTConfig,
+        tmp_path,
+        bin_refresh="once",
+        estep_batch_size=8,
+        estep_samples=None,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        gradient_accumulation_steps=1,
+    )
     trainer = RCFTTrainer(model=make_model(len(tok), seed=1), args=args, train_dataset=train, processing_class=tok)
     trainer.train()
     state_file = tmp_path / "checkpoint-2" / "calib_trl_state.json"

@@ -18,7 +18,6 @@ import sys
 
 import torch
 
-
 PER_DEVICE_BATCH = 2
 MAX_STEPS = 3
 
@@ -26,19 +25,43 @@ MAX_STEPS = 3
 # `sft_loss="prompt_and_completion"`) gives the micro-batches different token counts, which the loss normalisation
 # across processes and accumulation steps must handle.
 CONFIGS = {
-    "ls": dict(trainer="calib", data="mcq_known", calibration_loss="ls", ls_epsilon=0.3, calibration_weight=0.8,
-               completion_only_loss=False),
-    "mbls": dict(trainer="calib", data="mcq_known", calibration_loss="mbls", mbls_margin=2.0, mbls_lambda=0.5,
-                 completion_only_loss=False),
-    "ecp": dict(trainer="calib", data="mcq_known", calibration_loss="ecp", ecp_beta=0.5, padding_free=True,
-                max_length=None),
+    "ls": dict(
+        trainer="calib",
+        data="mcq_known",
+        calibration_loss="ls",
+        ls_epsilon=0.3,
+        calibration_weight=0.8,
+        completion_only_loss=False,
+    ),
+    "mbls": dict(
+        trainer="calib",
+        data="mcq_known",
+        calibration_loss="mbls",
+        mbls_margin=2.0,
+        mbls_lambda=0.5,
+        completion_only_loss=False,
+    ),
+    "ecp": dict(
+        trainer="calib", data="mcq_known", calibration_loss="ecp", ecp_beta=0.5, padding_free=True, max_length=None
+    ),
     "online": dict(
-        trainer="calib", data="mcq_online", calibration_loss="ls", ls_epsilon=0.3, detection="online",
-        online_refit_steps=2, online_batch_size=4,
+        trainer="calib",
+        data="mcq_online",
+        calibration_loss="ls",
+        ls_epsilon=0.3,
+        detection="online",
+        online_refit_steps=2,
+        online_batch_size=4,
     ),
     "rcft": dict(
-        trainer="rcft", data="mcq_train", ece_weight=0.5, ece_scale=5.0, bin_refresh="2", estep_batch_size=4,
-        estep_samples=None, sft_loss="prompt_and_completion",
+        trainer="rcft",
+        data="mcq_train",
+        ece_weight=0.5,
+        ece_scale=5.0,
+        bin_refresh="2",
+        estep_batch_size=4,
+        estep_samples=None,
+        sft_loss="prompt_and_completion",
     ),
 }
 
@@ -49,7 +72,8 @@ def _load(workdir):
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(workdir, "tokenizer"))
     model = AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "model"), dtype=torch.float32)
-    datasets = {name: load_from_disk(os.path.join(workdir, "data", name)) for name in os.listdir(os.path.join(workdir, "data"))}
+    data_dir = os.path.join(workdir, "data")
+    datasets = {name: load_from_disk(os.path.join(data_dir, name)) for name in os.listdir(data_dir)}
     return model, tokenizer, datasets
 
 
@@ -87,7 +111,8 @@ def train_one(name: str, workdir: str, grad_accum: int, run_dir: str) -> tuple[d
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
+        dataloader_pin_memory=False,
         shuffle_dataset=False,
         train_sampling_strategy="sequential",
         dataloader_drop_last=True,
@@ -107,8 +132,14 @@ def train_one(name: str, workdir: str, grad_accum: int, run_dir: str) -> tuple[d
         def recording_estep(model):
             estep(model)
             stats = trainer._bin_stats
-            esteps.append({"step": trainer.state.global_step, "counts": stats["counts"], "accuracy": stats["accuracy"],
-                           "confidence": stats["confidence"]})
+            esteps.append(
+                {
+                    "step": trainer.state.global_step,
+                    "counts": stats["counts"],
+                    "accuracy": stats["accuracy"],
+                    "confidence": stats["confidence"],
+                }
+            )
 
         trainer._estep = recording_estep
     else:
@@ -125,7 +156,9 @@ def train_one(name: str, workdir: str, grad_accum: int, run_dir: str) -> tuple[d
     if kind == "rcft":
         record["final_bins"] = {k: trainer._bin_stats[k] for k in ("counts", "accuracy", "confidence")}
     record["skipped_steps"] = trainer._skipped_steps
-    weights = {k: v.detach().cpu().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+    weights = {
+        k: v.detach().cpu().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+    }
     return _clean(record), weights
 
 
@@ -135,10 +168,18 @@ def detect(workdir: str) -> dict:
 
     model, tokenizer, datasets = _load(workdir)
     out = {}
-    for name, train, calibration in (("mcq", "mcq_detect", "mcq_calibration"), ("open", "open_detect", "open_calibration")):
+    for name, train, calibration in (
+        ("mcq", "mcq_detect", "mcq_calibration"),
+        ("open", "open_detect", "open_calibration"),
+    ):
         flagged, report = detect_known(
-            model, tokenizer, datasets[train], calibration_dataset=datasets[calibration], batch_size=4,
-            progress=False, return_report=True,
+            model,
+            tokenizer,
+            datasets[train],
+            calibration_dataset=datasets[calibration],
+            batch_size=4,
+            progress=False,
+            return_report=True,
         )
         out[name] = {
             "answer_nll": list(flagged["answer_nll"]),
