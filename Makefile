@@ -27,11 +27,12 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/python examples/sft_cogcalib.py
 
+# Tiny models run faster on one thread per process (several processes share the cores in some tests)
 test: install
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not distributed" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not distributed" tests
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -5,11 +5,13 @@ Step time and peak memory of calib-trl's losses against plain `SFTTrainer` on th
     python benchmarks/overhead.py                         # CPU: SmolLM2-135M shape, 2 x 256 tokens
     python benchmarks/overhead.py --device cuda --shape llama-1b --batch 8 --seq 2048 --dtype bfloat16
 
-Each variant runs in its own process (so peak memory is its own), on the same random token data (every token a
-completion token, half of the examples flagged known), for `--warmup` + `--steps` optimizer steps; the table reports
-the median step time and the peak memory (CUDA: `max_memory_allocated`; CPU: the process's peak RSS, which includes
-the Python runtime and is therefore a coarse measure) relative to `SFTTrainer`. Results go to
-`benchmarks/results/overhead_<device>.json`.
+All variants train the same model on the same random token data (every token a completion token, half of the
+examples flagged known). Step time: one process holds a trainer per variant around one shared model and times their
+`training_step` (forward + backward) in alternation, round after round, so that a drift of the machine hits every
+variant alike; the table reports the median over `--steps` rounds after `--warmup`. Peak memory: each variant trains
+`--warmup + 2` steps in a process of its own (CUDA: `max_memory_allocated`; CPU: the process's peak RSS, which includes
+the Python runtime, model, gradients and optimizer state, so it is a coarse measure). Ratios are against
+`SFTTrainer`. Results go to `benchmarks/results/overhead_<device>.json` and the table into benchmarks/README.md.
 
 Variants: `sft` (TRL's SFTTrainer), `none` (CalibSFTTrainer with calibration_loss="none"), `ls`/`mbls`/`ecp` on known
 examples, `ls_all`/`mbls_all`/`ecp_all` on every example, `trl_label_smoothing` (SFTConfig.label_smoothing_factor),
@@ -30,6 +32,7 @@ import tempfile
 import time
 
 import torch
+from common import save_json, write_readme_section
 
 
 VARIANTS = ["sft", "none", "ls", "mbls", "ecp", "ls_all", "mbls_all", "ecp_all", "trl_label_smoothing", "full_logits"]
@@ -63,59 +66,63 @@ def build(args):
     return model, tok, data
 
 
-def run_variant(args) -> dict:
-    from transformers import TrainerCallback
+def make_trainer(variant, model, tok, data, args, output_dir):
     from trl import SFTConfig, SFTTrainer
 
     from calib_trl import CalibSFTConfig, CalibSFTTrainer
 
-    model, tok, data = build(args)
     common = dict(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps + args.warmup,
+        output_dir=output_dir, per_device_train_batch_size=args.batch, max_steps=args.steps + args.warmup,
         report_to=[], save_strategy="no", logging_steps=1000, disable_tqdm=True, gradient_checkpointing=args.gc,
         bf16=args.dtype == "bfloat16", shuffle_dataset=False, max_length=None, dataloader_num_workers=0,
         learning_rate=1e-5, use_cpu=args.device == "cpu",
     )
-    v = args.variant
-    if v in ("sft", "trl_label_smoothing", "full_logits"):
-        cls = FullLogitsTrainer if v == "full_logits" else SFTTrainer
-        cfg = SFTConfig(**common, label_smoothing_factor=0.1 if v == "trl_label_smoothing" else 0.0)
-        trainer = cls(model=model, args=cfg, train_dataset=data.remove_columns("known"), processing_class=tok)
-    else:
-        method, _, scope = v.partition("_")
-        cfg = CalibSFTConfig(**common, calibration_loss=method, apply_to="all" if scope == "all" else "known",
-                             ls_epsilon=0.1, ecp_beta=0.1)
-        trainer = CalibSFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
+    if variant in ("sft", "trl_label_smoothing", "full_logits"):
+        cls = _full_logits_trainer() if variant == "full_logits" else SFTTrainer
+        cfg = SFTConfig(**common, label_smoothing_factor=0.1 if variant == "trl_label_smoothing" else 0.0)
+        return cls(model=model, args=cfg, train_dataset=data.remove_columns("known"), processing_class=tok)
+    method, _, scope = variant.partition("_")
+    cfg = CalibSFTConfig(**common, calibration_loss=method, apply_to="all" if scope == "all" else "known",
+                         ls_epsilon=0.1, ecp_beta=0.1)
+    return CalibSFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
 
-    times = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
-    trainer.add_callback(Timer())
+def peak_memory(args) -> float:
+    """Child process: train one variant for `warmup + 2` steps; its peak memory in GiB."""
+    model, tok, data = build(args)
+    model.to(args.device)
+    args.steps = 2
+    trainer = make_trainer(args.variant, model, tok, data, args, tempfile.mkdtemp())
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    timed = times[args.warmup:]
     if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {
-        "variant": v,
-        "step_time_s": statistics.median(timed),
-        "step_times_s": timed,
-        "peak_memory_gib": peak,
-        "tokens_per_s": args.batch * args.seq / statistics.median(timed),
-    }
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def step_times(args) -> dict[str, list[float]]:
+    """Alternating `training_step` timings of every variant around one shared model."""
+    model, tok, data = build(args)
+    model.to(args.device)
+    trainers = {v: make_trainer(v, model, tok, data, args, tempfile.mkdtemp()) for v in args.variants}
+    batches = {v: next(iter(t.get_train_dataloader())) for v, t in trainers.items()}
+    times = {v: [] for v in trainers}
+    model.train()
+    for round_ in range(args.warmup + args.steps):
+        for v, trainer in trainers.items():
+            batch = dict(batches[v])
+            n_items = (batch["labels"][:, 1:] != -100).sum()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            trainer.training_step(model, batch, num_items_in_batch=n_items)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= args.warmup:
+                times[v].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return times
 
 
 def _full_logits_trainer():
@@ -140,49 +147,50 @@ def _full_logits_trainer():
     return FullLogitsTrainer
 
 
-FullLogitsTrainer = None
-
-
 def main():
-    global FullLogitsTrainer
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
     parser.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--output", default=None)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
     if args.variant:  # child process
-        FullLogitsTrainer = _full_logits_trainer()
-        print(json.dumps(run_variant(args)))
+        print(json.dumps({"peak_memory_gib": peak_memory(args)}))
         return
 
+    if "sft" not in args.variants:
+        args.variants = ["sft", *args.variants]
     results = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={getattr(args, k)}" for k in ("device", "shape", "dtype", "batch", "seq", "steps", "warmup")
+            f"--{k}={getattr(args, k)}" for k in ("device", "shape", "dtype", "batch", "seq", "warmup")
         ] + (["--gc"] if args.gc else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"variant {variant} failed")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"  {variant:<20} {r['step_time_s']:.3f} s/step  {r['peak_memory_gib']:.2f} GiB", flush=True)
+        results.append({"variant": variant, **json.loads(out.stdout.strip().splitlines()[-1])})
+        print(f"  {variant:<20} peak memory {results[-1]['peak_memory_gib']:.2f} GiB", flush=True)
+    times = step_times(args)
+    for r in results:
+        r["step_times_s"] = times[r["variant"]]
+        r["step_time_s"] = statistics.median(times[r["variant"]])
+        r["tokens_per_s"] = args.batch * args.seq / r["step_time_s"]
 
     base = next(r for r in results if r["variant"] == "sft")
     lines = [
         f"Device {args.device} ({platform.processor() or platform.machine()}, "
         f"{torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} cores'}), "
-        f"shape {args.shape}, {args.dtype}, batch {args.batch} x {args.seq} tokens, median of {args.steps} steps",
+        f"shape {args.shape}, {args.dtype}, batch {args.batch} x {args.seq} tokens; step time = forward + backward, "
+        f"median of {args.steps} alternating rounds",
         "",
         "| variant | step time (s) | x SFTTrainer | peak memory (GiB) | x SFTTrainer | tokens/s |",
         "|---|---|---|---|---|---|",
@@ -196,13 +204,12 @@ def main():
         )
     table = "\n".join(lines)
     print("\n" + table)
-    path = args.output or os.path.join(os.path.dirname(__file__), "results", f"overhead_{args.device}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"settings": {k: getattr(args, k) for k in ("device", "shape", "dtype", "batch", "seq", "steps",
-                                                                "warmup", "gc")},
-                   "torch": torch.__version__, "results": results, "table": table}, f, indent=2)
-    print(f"\nWrote {path}")
+    payload = {"settings": {k: getattr(args, k) for k in ("device", "shape", "dtype", "batch", "seq", "steps", "warmup",
+                                                           "gc")},
+               "torch": torch.__version__, "results": results, "table": table}
+    path = save_json(f"overhead_{args.device}", payload)
+    write_readme_section("overhead", args.device, table)
+    print(f"\nWrote {path} and the table in benchmarks/README.md")
 
 
 if __name__ == "__main__":

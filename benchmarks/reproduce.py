@@ -2,14 +2,14 @@
 """
 Reproduction benchmark: every method on the same data and step budget, evaluated in-domain and out-of-domain.
 
-    python benchmarks/reproduce.py --mode cpu              # small budget on a CPU (about an hour on 2 cores)
+    python benchmarks/reproduce.py --mode cpu              # small budget on a CPU (1-2 hours on 2 cores)
     python benchmarks/reproduce.py --mode gpu              # full scale (MMLU train split) on one GPU
     python benchmarks/reproduce.py --mode smoke            # a few steps of a tiny random model: checks the pipeline
 
 Methods: the base model, standard SFT, label smoothing on all data, CoLS, CoMbLS, CoECP (precomputed and online
 detection), CFT, RCFT, and CogCalib (CoECP) combined with RCFT. Two regimes, because they behave differently:
 `short` (3 epochs, lr 2e-5, batch 32) and `overfit` (6 epochs, lr 4e-5, batch 64), where standard SFT becomes badly
-overconfident. The CPU mode shrinks the data and the epochs (see MODES) and keeps the learning rates.
+overconfident. The CPU mode shrinks the data and the batches (see MODES) and keeps the epochs and learning rates.
 
 Known flags are fitted once per regime (after style adaptation) on the calibration split and shared by the
 precomputed methods. Reports accuracy, ECE, class-wise ECE and Brier on the test split and on the out-of-domain
@@ -25,12 +25,12 @@ import gc
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
 
 import torch
+from common import save_json, write_readme_section
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,13 +41,16 @@ REGIMES = {
 }
 
 MODES = {
-    # train rows, eval rows per split, calibration rows, epochs scale, per-device batch, style steps
-    "gpu": dict(train=None, eval=None, calibration=None, epoch_scale=1.0, per_device=32, style_steps=60, style_batch=64,
-                estep_samples=1000, max_length=1024),
-    "cpu": dict(train=128, eval=200, calibration=200, epoch_scale=0.5, per_device=16, style_steps=10, style_batch=16,
-                estep_samples=128, max_length=512),
-    "smoke": dict(train=16, eval=12, calibration=12, epoch_scale=0.2, per_device=4, style_steps=1, style_batch=4,
-                  estep_samples=16, max_length=256),
+    # rows of each split (None: all), epochs x epoch_scale, the optimizer batch of each regime (None: the regime's),
+    # per-device batch, style-adaptation steps and batch, E-step rows, max_length
+    "gpu": dict(train=None, eval=None, calibration=None, epoch_scale=1.0, batch=None, per_device=32, style_steps=60,
+                style_batch=64, estep_samples=1000, max_length=1024),
+    # 2 CPU cores: 64 training rows with the regimes' epochs and learning rates, and smaller batches so that each
+    # regime still takes a few dozen optimizer steps
+    "cpu": dict(train=64, eval=150, calibration=200, epoch_scale=1.0, batch={"short": 8, "overfit": 16}, per_device=8,
+                style_steps=8, style_batch=16, estep_samples=64, max_length=None),
+    "smoke": dict(train=16, eval=12, calibration=12, epoch_scale=0.2, batch=None, per_device=4, style_steps=1,
+                  style_batch=4, estep_samples=16, max_length=256),
 }
 
 # name -> (trainer, config overrides)
@@ -106,13 +109,14 @@ def train_method(name, model, tok, data, flagged, regime, mode, args):
 
     kind, overrides = METHODS[name]
     r = REGIMES[regime]
-    per_device = min(mode["per_device"], r["batch_size"])
+    batch = (mode["batch"] or {}).get(regime, r["batch_size"])
+    per_device = min(mode["per_device"], batch)
     common = dict(
         output_dir=tempfile.mkdtemp(prefix=f"reproduce-{name}-"),
         num_train_epochs=r["num_train_epochs"] * mode["epoch_scale"],
         learning_rate=r["learning_rate"],
         per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=max(1, r["batch_size"] // per_device),
+        gradient_accumulation_steps=max(1, batch // per_device),
         lr_scheduler_type="linear",
         gradient_checkpointing=False,
         report_to=[],
@@ -121,6 +125,7 @@ def train_method(name, model, tok, data, flagged, regime, mode, args):
         disable_tqdm=True,
         seed=args.seed,
         max_length=mode["max_length"],
+        padding_free=mode["max_length"] is None,  # no compute spent on padding
     )
     uses_flags = overrides.get("calibration_loss", "none") != "none" and overrides.get("apply_to", "known") == "known"
     online = overrides.get("detection") == "online"
@@ -160,23 +165,11 @@ def markdown(results, mode_name):
     return "\n".join(lines)
 
 
-def write_readme_table(table: str, mode_name: str, header: str):
-    path = os.path.join(HERE, "README.md")
-    start, end = f"<!-- reproduce:{mode_name}:start -->", f"<!-- reproduce:{mode_name}:end -->"
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{start}\n{header}\n\n{table}\n{end}"
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=list(MODES), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES),
+                        help="default: both on a GPU, `overfit` on a CPU")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batch-size", type=int, default=32)
@@ -185,6 +178,8 @@ def main():
     args = parser.parse_args()
     mode = MODES[args.mode]
     smoke = args.mode == "smoke"
+    if args.regimes is None:
+        args.regimes = ["overfit"] if args.mode == "cpu" else list(REGIMES)
     dtype = torch.bfloat16 if args.mode == "gpu" else torch.float32
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
 
@@ -210,7 +205,8 @@ def main():
             base_model, tok, data["train"], calibration_dataset=data["calibration"], batch_size=args.eval_batch_size,
             style_adaptation_steps=mode["style_steps"],
             style_adaptation_kwargs={"learning_rate": REGIMES[regime]["learning_rate"], "batch_size": mode["style_batch"],
-                                     "per_device_batch_size": min(mode["per_device"], mode["style_batch"])},
+                                     "per_device_batch_size": min(mode["per_device"], mode["style_batch"]),
+                                     "padding_free": mode["max_length"] is None, "max_length": mode["max_length"]},
             progress=False, return_report=True,
         )
         results.setdefault("detection", {})[regime] = report.to_dict()
@@ -232,16 +228,18 @@ def main():
 
     table = markdown(results, args.mode)
     print("\n" + table)
-    path = args.output or os.path.join(HERE, "results", f"reproduce_{args.mode}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+        path = args.output
+    else:
+        path = save_json(f"reproduce_{args.mode}", results)
     print(f"Wrote {path}")
     if not args.no_readme and not smoke:
         s = results["settings"]
         header = (f"Mode `{args.mode}` on {s['device']}: {s['sizes']['train']} training rows, {s['sizes']['test']} test "
                   f"and {s['sizes']['ood']} out-of-domain rows (`python benchmarks/reproduce.py --mode {args.mode}`).")
-        write_readme_table(table, args.mode, header)
+        write_readme_section("reproduce", args.mode, header + "\n\n" + table)
 
 
 if __name__ == "__main__":

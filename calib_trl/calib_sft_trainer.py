@@ -90,7 +90,12 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
             for name, dataset in evals.items():
                 check_flag_column(dataset, args.known_column, name)
-        self._carried_columns = self._flag_columns = (args.known_column,) if self._precomputed else ()
+        online = self._needs_flags and args.detection == "online"
+        if online and (calibration_dataset is None or len(calibration_dataset) == 0):
+            raise ValueError(
+                "Online detection (`detection='online'`) needs a non-empty `calibration_dataset` passed to the trainer."
+            )
+        self._carried_columns, self._flag_columns = self._columns_to_carry(args)
         self._skipped_steps = 0
 
         super().__init__(model, args, *pos_args, **kwargs)
@@ -112,10 +117,16 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             self._answer_nll = "first" if train_dataset is not None and _has_choices(train_dataset) else "mean"
 
         self.detector = None
-        if self._needs_flags and args.detection == "online":
+        if online:
+            if self._answer_nll == "first" and not self.completion_only_loss:
+                raise ValueError(
+                    "Online detection with `answer_nll='first'` reads each example's answer NLL at its first loss "
+                    "token, which is the answer only with a completion-only loss. Use prompt/completion data with "
+                    "`completion_only_loss` left on, or `answer_nll='mean'`."
+                )
             self.detector = OnlineKnowledgeDetector(
                 calibration_dataset,
-                self.processing_class if not hasattr(self.processing_class, "tokenizer") else self._tokenizer,
+                self._tokenizer,
                 refit_steps=args.online_refit_steps,
                 batch_size=args.online_batch_size,
                 max_samples=args.online_calibration_samples,
@@ -127,8 +138,13 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                     "answer letter" if self._answer_nll == "first" else "mean completion NLL",
                     "multiple-choice" if is_multiple_choice(self.detector.calibration_dataset) else "open-ended",
                 )
-        elif calibration_dataset is not None and not (self._needs_flags and args.detection == "online"):
+        elif calibration_dataset is not None:
             logger.info("`calibration_dataset` is only used by online detection; it is ignored here.")
+
+    def _columns_to_carry(self, args) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Dataset columns kept through preparation, and those the collator turns into per-token tensors."""
+        columns = (args.known_column,) if self._precomputed else ()
+        return columns, columns
 
     def _needs_hidden(self) -> bool:
         return self.args.calibrates and self.args.calibration_loss in ("ls", "mbls")
@@ -210,8 +226,6 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             self._metrics[mode]["calib/threshold"].append(float(self.detector.threshold))
             self._metrics[mode]["calib/detection_accuracy"].append(self.detector.last_report.detection_accuracy)
         loss = self._guard_nonfinite(loss, model)
-        if mode == "train" and args.nonfinite_loss == "skip":  # after the guard, so that it counts this micro-batch
-            self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
         return (loss, result[1]) if return_outputs else loss
 
     def _online_flags(self, inputs, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ multiple choice, a normalised exact match of the greedy answer for open-ended da
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import re
 import string
@@ -29,7 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .mcq import (
+    _common_prefix,
     _model_device,
+    _padded_batch,
     is_conversational_prompt,
     score_multiple_choice,
     shard_indices,
@@ -200,9 +203,7 @@ def score_completions(
     for i in indices:
         p = tokenize_prompt(tokenizer, prompts[i])
         full = tokenize_prompt_completion(tokenizer, prompts[i], completions[i])
-        k = 0
-        while k < min(len(p), len(full)) and p[k] == full[k]:
-            k += 1
+        k = _common_prefix(p, full)
         if k >= len(full):
             raise ValueError(f"Row {i} has an empty completion: there is no answer to score.")
         seqs[i], comp_len[i], prompt_ids[i] = full, len(full) - k, p[:k]
@@ -216,24 +217,14 @@ def score_completions(
         bar = tqdm(total=len(order), desc=desc, disable=not show, unit="ex")
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            width = max(len(seqs[i]) for i in batch)
             keep = max(comp_len[i] for i in batch) + 1
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(batch):
-                ids[r, width - len(seqs[i]) :] = torch.tensor(seqs[i])
-                mask[r, width - len(seqs[i]) :] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = _padded_batch([seqs[i] for i in batch], pad_id, device)
             with torch.no_grad():
                 logits = model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=pos.to(device),
-                    logits_to_keep=keep,
-                    use_cache=False,
+                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False
                 ).logits.float()
             logp = logits[:, :-1].log_softmax(-1)  # predicts the last keep-1 tokens
-            targets = ids[:, width - keep + 1 :].to(logp.device)
+            targets = ids[:, ids.shape[1] - keep + 1 :].to(logp.device)
             token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             for r, i in enumerate(batch):
                 nll[i] = float(token_nll[r, -comp_len[i] :].mean())
@@ -244,17 +235,13 @@ def score_completions(
                 range(0, len(order), batch_size), desc="Greedy answers", disable=not show, unit="batch"
             ):
                 batch = order[start : start + batch_size]
-                width = max(len(prompt_ids[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, i in enumerate(batch):
-                    ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
-                    mask[r, width - len(prompt_ids[i]) :] = 1
+                ids, mask, _ = _padded_batch([prompt_ids[i] for i in batch], pad_id, device)
+                width = ids.shape[1]
                 new = max_new_tokens or max(comp_len[i] for i in batch) + 8
                 with torch.no_grad():
                     out = model.generate(
-                        input_ids=ids.to(device),
-                        attention_mask=mask.to(device),
+                        input_ids=ids,
+                        attention_mask=mask,
                         max_new_tokens=new,
                         do_sample=False,
                         pad_token_id=pad_id,
@@ -362,6 +349,9 @@ def style_adapt(
         logger.info("Style adaptation: %d steps of %d examples at lr %g", steps, per_device * accumulation, learning_rate)
         trainer.train()
         adapted = trainer.model
+        # Free the optimizer state now rather than whenever the trainer's reference cycles are collected
+        del trainer
+        gc.collect()
     adapted.eval()
     return adapted
 
@@ -401,7 +391,12 @@ def detect_known(
         style_adaptation_steps (`int`): optimizer steps of style adaptation before scoring (0: none).
         style_adaptation_kwargs (`dict`, *optional*): arguments of `style_adapt` (`learning_rate`, `batch_size`,
             `peft_config`, ...).
-        style_adaptation_dataset (`datasets.Dataset`, *optional*): rows to adapt on; defaults to `dataset`.
+        style_adaptation_dataset (`datasets.Dataset`, *optional*): rows to adapt on. By default, half of
+            `calibration_dataset` (a fixed random half) is used for adaptation and the other half for fitting the
+            threshold, so that neither the flagged rows nor the rows the threshold is fitted (and its detection
+            accuracy measured) on have been seen by the adapted model: adapting on the flagged rows themselves would
+            lower their NLL and flag rows known that the model had only just been shown. Without a calibration
+            dataset, `dataset` itself is used, with that bias.
         keep_adapted (`bool`): return the adapted model too, to continue training from it.
         check_greedy (`bool`): for open-ended calibration rows, the ground truth is a greedy-answer match.
         progress (`bool`): progress bars.
@@ -425,12 +420,15 @@ def detect_known(
         validate_mcq_dataset(dataset, name="dataset")
     probe = model
     if style_adaptation_steps > 0:
+        if style_adaptation_dataset is None and calibration_dataset is not None and len(calibration_dataset) >= 4:
+            halves = calibration_dataset.train_test_split(test_size=0.5, seed=0, shuffle=True)
+            style_adaptation_dataset, calibration_dataset = halves["train"], halves["test"]
+        elif style_adaptation_dataset is None:
+            logger.warning("Style adaptation on the rows being flagged lowers their NLL; pass a "
+                           "`calibration_dataset` or a `style_adaptation_dataset` to avoid it.")
+            style_adaptation_dataset = dataset
         probe = style_adapt(
-            model,
-            tokenizer,
-            style_adaptation_dataset if style_adaptation_dataset is not None else dataset,
-            steps=style_adaptation_steps,
-            **(style_adaptation_kwargs or {}),
+            model, tokenizer, style_adaptation_dataset, steps=style_adaptation_steps, **(style_adaptation_kwargs or {})
         )
     report = None
     if calibration_dataset is not None:
@@ -457,6 +455,8 @@ def detect_known(
         report.known_fraction = float(known.mean())
         report.n = int(len(known))
         report.style_adaptation_steps = style_adaptation_steps
+        if style_adaptation_steps > 0:
+            report.extra["style_adaptation_rows"] = len(style_adaptation_dataset)
         logger.info("Knowledge detection:\n%s", report)
     for column in ("answer_nll", "known"):
         if column in dataset.column_names:
@@ -464,6 +464,7 @@ def detect_known(
     dataset = dataset.add_column("answer_nll", nll.tolist()).add_column("known", known.tolist())
     if probe is not model and not keep_adapted:
         del probe
+        gc.collect()
     out = (dataset,)
     if return_report:
         out += (report,)

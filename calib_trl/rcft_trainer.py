@@ -85,11 +85,13 @@ class RCFTTrainer(CalibSFTTrainer):
     def _needs_hidden(self) -> bool:
         return True
 
+    def _columns_to_carry(self, args) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        # The prompt/completion/choices columns ride along through TRL's maps; `_post_tokenize` uses them to locate
+        # the answer, and writes the per-token `answer_options` column the collator carries
+        carried, flags = super()._columns_to_carry(args)
+        return (*carried, "choices"), (*flags, ANSWER_COLUMN)
+
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        # The prompt/completion/choices columns ride along through TRL's maps; `_post_tokenize` uses them
-        self._carried_columns = tuple(dict.fromkeys((*self._carried_columns, "choices")))
-        self._flag_columns = tuple(dict.fromkeys((*self._flag_columns, ANSWER_COLUMN)))
-        self._processing_class_for_prep = processing_class
         if formatting_func is not None:
             raise ValueError("RCFT needs prompt/completion rows to find the answer position; a `formatting_func` "
                              "turns them into plain text. Format the prompts before passing the dataset instead.")
@@ -105,9 +107,9 @@ class RCFTTrainer(CalibSFTTrainer):
         super()._on_rows_dropped(dropped, total, args, dataset_name)
         self._excluded_rows += dropped
 
-    def _post_tokenize(self, dataset, args, dataset_name):
-        dataset = super()._post_tokenize(dataset, args, dataset_name)
-        tok = getattr(self._processing_class_for_prep, "tokenizer", self._processing_class_for_prep)
+    def _post_tokenize(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._post_tokenize(dataset, processing_class, args, dataset_name)
+        tok = getattr(processing_class, "tokenizer", processing_class)
         k_max = max(len(c) for c in dataset["choices"])
         lookup = OptionTokenLookup(tok, k_max, self.chat_template)
         keep_end = args.truncation_mode == "keep_end" and args.max_length is not None
@@ -162,12 +164,13 @@ class RCFTTrainer(CalibSFTTrainer):
             raise KeyError(f"The batch has no `{ANSWER_COLUMN}` tensor; use `calib_trl.DataCollatorWithKnowledgeFlags`.")
         if not self._rcft_active:  # CFT
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if mode == "train" and self._estep_due():
+        if self._bin_stats is None or (mode == "train" and self._estep_due()):
             self._estep(model)
         args = self.args
         with self._capture.capture():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             hidden = self._capture.hidden
+            n_tokens = self._capture.output.label_mask.sum()
             base = result[0] if return_outputs else result
             at = shifted(answers, inputs) > 0
             probs, num_choices = self._option_probs(model, predicting(hidden, inputs)[at], shifted(answers, inputs)[at])
@@ -182,13 +185,14 @@ class RCFTTrainer(CalibSFTTrainer):
         loss = (1 - args.ece_weight) * base + args.ece_weight * args.ece_scale * ece * scale
 
         self._log_mean(mode, "rcft/ece_loss", ece.detach(), torch.ones((), device=ece.device))
-        self._log_mean(mode, "rcft/sft_loss", base.detach() / self._loss_scale(num_items_in_batch), torch.ones((), device=ece.device))
+        # `base` is this micro-batch's share of the step's token-normalised loss; log its token mean instead
+        denominator = n_tokens if num_items_in_batch is None else num_items_in_batch
+        sft_sum = base.detach() / self._loss_scale(num_items_in_batch) * torch.as_tensor(denominator).clamp(min=1)
+        self._log_mean(mode, "rcft/sft_loss", sft_sum, n_tokens)
         stats = self._bin_stats
         for key in ("estep_accuracy", "estep_ece", "estep_cw_ece"):
             self._metrics[mode][f"rcft/{key}"] = [stats[key]]
         loss = self._guard_nonfinite(loss, model)
-        if mode == "train" and args.nonfinite_loss == "skip":
-            self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
         return (loss, result[1]) if return_outputs else loss
 
     def _option_probs(self, model, hidden: torch.Tensor, num_choices: torch.Tensor):

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments
 
+from .callbacks import CalibrationCallback
 from .cli import format_table, load_mcq_dataset
 from .defaults import resolve_model_name_or_path
 from .mcq import score_multiple_choice
@@ -81,6 +82,15 @@ def load_splits(script_args):
             if key in ("train", "eval"):
                 raise
     return splits
+
+
+def add_calibration_callback(trainer, splits, script_args) -> None:
+    """Measure calibration on the evaluation split every `calibration_eval_steps` steps, if asked."""
+    if script_args.calibration_eval_steps:
+        trainer.add_callback(CalibrationCallback(
+            trainer, splits["eval"], name=script_args.dataset_name or "eval", split=script_args.dataset_test_split,
+            eval_steps=script_args.calibration_eval_steps, on_epoch=False, batch_size=script_args.eval_batch_size,
+        ))
 
 
 def finish(trainer, tokenizer, splits, before, script_args, method):

@@ -144,7 +144,7 @@ class CalibrationTrainerMixin:
     _carried_columns: tuple[str, ...] = ()
     _flag_columns: tuple[str, ...] = ()
 
-    def _post_tokenize(self, dataset, args, dataset_name):
+    def _post_tokenize(self, dataset, processing_class, args, dataset_name):
         """Hook on the tokenized (unpacked) dataset, before packing; `RCFTTrainer` locates answer positions here."""
         return dataset
 
@@ -179,7 +179,7 @@ class CalibrationTrainerMixin:
         dataset = super()._prepare_dataset(dataset, processing_class, prep_args, False, formatting_func, dataset_name)
         if n_before is not None and len(dataset) < n_before:
             self._on_rows_dropped(n_before - len(dataset), n_before, args, dataset_name)
-        dataset = self._post_tokenize(dataset, args, dataset_name)
+        dataset = self._post_tokenize(dataset, processing_class, args, dataset_name)
         if not packing:
             return dataset
         flags = list(self._flag_columns)
@@ -238,16 +238,28 @@ class CalibrationTrainerMixin:
         return 1
 
     def _guard_nonfinite(self, loss: torch.Tensor, model) -> torch.Tensor:
-        if torch.isfinite(loss).all():
-            return loss
+        """
+        Raise, or skip the micro-batch, when the loss is NaN/inf on any process. The check is reduced across processes,
+        so that all of them raise or skip together (one rank raising alone would leave the others waiting in the
+        gradient all-reduce, and skipping on one rank alone would apply the others' gradients at reduced weight).
+        """
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
         mode = "train" if self.model.training else "eval"
+        if not bad.item():
+            if mode == "train" and self.args.nonfinite_loss == "skip":
+                self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
+            return loss
         if self.args.nonfinite_loss == "raise" or mode == "eval":
             raise FloatingPointError(
-                f"The {mode} loss is {loss.item()} at step {self.state.global_step}. Lower the learning rate, check the "
+                f"The {mode} loss is {loss.item()} at step {self.state.global_step} (on this or another process). Lower "
+                "the learning rate, check the "
                 "data, or set `nonfinite_loss='skip'` to skip such micro-batches (they are counted in "
                 "`calib/skipped_steps`)."
             )
         self._skipped_steps += 1
+        self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
         logger.warning("Non-finite loss at step %d: micro-batch skipped (%d so far).", self.state.global_step,
                        self._skipped_steps)
         # A zero that still reaches every trainable parameter, so DDP's gradient all-reduce sees them all

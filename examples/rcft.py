@@ -18,8 +18,15 @@ model card with the calibration results.
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from calib_trl import CalibrationCallback, RCFTConfig, RCFTTrainer
-from calib_trl.script_utils import CalibScriptArguments, evaluate_splits, finish, load_model, load_splits
+from calib_trl import RCFTConfig, RCFTTrainer
+from calib_trl.script_utils import (
+    CalibScriptArguments,
+    add_calibration_callback,
+    evaluate_splits,
+    finish,
+    load_model,
+    load_splits,
+)
 
 
 def main(script_args, training_args, model_args):
@@ -33,11 +40,7 @@ def main(script_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    if script_args.calibration_eval_steps:
-        trainer.add_callback(CalibrationCallback(
-            trainer, splits["eval"], name=script_args.dataset_name or "eval", split=script_args.dataset_test_split,
-            eval_steps=script_args.calibration_eval_steps, on_epoch=False, batch_size=script_args.eval_batch_size,
-        ))
+    add_calibration_callback(trainer, splits, script_args)
     trainer.train()
     finish(trainer, tokenizer, splits, before, script_args, "CFT" if training_args.ece_weight == 0 else "RCFT")
 

@@ -405,7 +405,7 @@ def test_nonfinite_loss_raises_by_default(tmp_path, tok, monkeypatch):
     )
     with pytest.raises(
         FloatingPointError,
-        match=r"The train loss is nan at step 1\. Lower the learning rate, check the "
+        match=r"The train loss is nan at step 1 \(on this or another process\)\. Lower the learning rate, check the "
         r"data, or set `nonfinite_loss='skip'`",
     ):
         trainer.train()
