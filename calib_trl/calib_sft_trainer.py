@@ -219,7 +219,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         loss = loss + extra * self._loss_scale(num_items_in_batch)
 
         n_sel, n_tok = selected.sum(), mask.sum()
-        self._log_mean(mode, "calib/known_token_fraction", n_sel, n_tok)
+        self._log_mean(mode, "calib/known_fraction", n_sel, n_tok)
         self._log_mean(mode, "calib/nll", (nll * mask).sum(), n_tok)
         self._log_mean(mode, "calib/calibration_term", args.calibration_weight * term.detach().sum(), n_tok)
         if self.detector is not None and mode == "train":

@@ -203,3 +203,39 @@ def _softcap(model):
 
     model.forward = capped
     return model
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    # The hidden states are read from the backbone's output, outside the checkpointed layers
+    results = []
+    for checkpointing in (False, True):
+        tok = make_tokenizer()
+        trainer = CalibSFTTrainer(
+            model=make_model(len(tok), seed=3),
+            args=config(tmp_path / str(checkpointing), calibration_loss="ls", gradient_checkpointing=checkpointing),
+            train_dataset=make_mcq_dataset(12, seed=1, known=True), processing_class=tok,
+        )
+        batch = first_batch(trainer)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), grads(trainer.model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_reports_the_calibrated_loss(tmp_path):
+    tok = make_tokenizer()
+    evaluation = make_mcq_dataset(8, seed=9, known=True)
+    args = config(tmp_path, calibration_loss="ecp", ecp_beta=0.7, per_device_eval_batch_size=8)
+    trainer = CalibSFTTrainer(model=make_model(len(tok), seed=3), args=args, train_dataset=make_mcq_dataset(8, known=True),
+                              eval_dataset=evaluation, processing_class=tok)
+    metrics = trainer.evaluate()
+    batch = next(iter(trainer.get_eval_dataloader()))
+    with torch.no_grad():
+        num_items = int((batch["labels"][:, 1:] != -100).sum())
+        ref = reference_loss(trainer.model.eval(), batch, args, num_items)
+    assert metrics["eval_loss"] == pytest.approx(ref.item(), rel=1e-5)
+    assert 0 < metrics["eval_calib/known_fraction"] < 1

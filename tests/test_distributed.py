@@ -153,7 +153,7 @@ def test_two_processes_ran_and_hold_identical_results(runs):
 
 
 # Logged values that are the same quantity in both runs. The token-weighted metrics (`calib/nll`,
-# `calib/known_token_fraction`, TRL's `entropy`, ...) are averaged per micro-batch, as TRL averages its own metrics:
+# `calib/known_fraction`, TRL's `entropy`, ...) are averaged per micro-batch, as TRL averages its own metrics:
 # with gradient accumulation that is a mean over micro-batches, across processes a pooled mean, so they are not
 # compared.
 COMPARED_LOGS = (
@@ -195,7 +195,7 @@ def test_known_flags_mix_within_the_steps(runs):
     """The calibration term applies to part of each batch, so selecting the wrong tokens would change the loss."""
     ref, _ = runs["reference"]
     for name in ("ls", "mbls", "ecp", "online"):
-        fractions = [h["calib/known_token_fraction"] for h in ref[name]["logs"]]
+        fractions = [h["calib/known_fraction"] for h in ref[name]["logs"]]
         assert sum(0 < f < 1 for f in fractions) >= 2, (name, fractions)
 
 

@@ -151,7 +151,7 @@ def test_online_detection_resumes_with_its_threshold(tmp_path, stop_at):
     thresholds = {h["step"]: h["calib/threshold"] for h in full.state.log_history if "calib/threshold" in h}
     assert thresholds[4] == saved["threshold"]  # the fourth step still uses the threshold of the step-2 re-fit
     assert {h["step"]: h["calib/threshold"] for h in resumed.state.log_history if "calib/threshold" in h} == thresholds
-    fractions = [h["calib/known_token_fraction"] for h in full.state.log_history if "loss" in h]
+    fractions = [h["calib/known_fraction"] for h in full.state.log_history if "loss" in h]
     assert any(0 < f < 1 for f in fractions[stop_at:]), fractions  # the flags matter after the resume
     _assert_same_run(full, resumed)
 
