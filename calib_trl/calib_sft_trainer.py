@@ -4,6 +4,7 @@ import textwrap
 import warnings
 
 import torch
+from accelerate.utils import extract_model_from_parallel, is_peft_model
 from trl import SFTTrainer
 
 from .calib_sft_config import CalibSFTConfig
@@ -102,14 +103,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
         if self._precomputed:
             self._install_flag_collator((args.known_column,), required=True)
-        if args.calibrates and args.calibration_loss in ("ls", "mbls"):
-            plugin = args.deepspeed_plugin
-            if plugin is not None and plugin.zero_stage == 3:
-                logger.warning(
-                    "calibration_loss=%r reads the LM head outside the model's forward; under DeepSpeed ZeRO-3 that "
-                    "path is gathered but not yet verified. `calibration_loss='ecp'` runs entirely inside TRL's fused "
-                    "head and is safe there.", args.calibration_loss,
-                )
+        self._check_parallelism(online)
         self._capture = ForwardCapture(self.model, want_hidden=self._needs_hidden())
         self._head_transform = lm_head_transform(unwrap_base(self.model))
         self._answer_nll = args.answer_nll
@@ -140,6 +134,42 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 )
         elif calibration_dataset is not None:
             logger.info("`calibration_dataset` is only used by online detection; it is ignored here.")
+
+    def _reads_lm_head(self) -> bool:
+        """Whether the loss reads the LM head's weight outside the model's forward (see `_check_parallelism`)."""
+        return self.args.calibrates and self.args.calibration_loss in ("ls", "mbls")
+
+    def _check_parallelism(self, online: bool) -> None:
+        """Refuse the set-ups where per-token flags or per-example grouping would be silently wrong."""
+        args = self.args
+        config = self.accelerator.parallelism_config
+        if (self._flag_columns or online) and config is not None and (
+            getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False)
+        ):
+            raise NotImplementedError(
+                "Context and sequence parallelism shard each sequence across processes, and calib-trl's per-token "
+                "flags (known, answer positions) and per-example answer NLLs are not sharded with it. Train without "
+                "`cp_size`/`sp_size`, or with `calibration_loss='none'`."
+            )
+        if online and args.packing and args.packing_strategy != "bfd":
+            raise ValueError(
+                f"Online detection needs each example's tokens together; `packing_strategy={args.packing_strategy!r}` "
+                "cuts examples across packed rows. Use `packing_strategy='bfd'`, or precomputed detection."
+            )
+        unwrapped = extract_model_from_parallel(self.model)
+        if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
+            raise ValueError(
+                "Prompt-learning PEFT methods (prompt tuning, prefix tuning, p-tuning) prepend virtual tokens, which "
+                "shifts the per-token flags of calib-trl against the labels. Use LoRA or another adapter method."
+            )
+        plugin = args.deepspeed_plugin
+        if self._reads_lm_head() and plugin is not None and plugin.zero_stage == 3:
+            logger.warning(
+                "%s reads the LM head outside the model's forward. Under DeepSpeed ZeRO-3 the head is gathered for it "
+                "(TRL's `maybe_gather_lm_head_ctx`), but this path has not been verified on ZeRO-3; check the first "
+                "steps against a ZeRO-2 run. CogCalib's `calibration_loss='ecp'` runs entirely inside TRL's fused "
+                "head.", type(self).__name__ if not args.calibrates else f"calibration_loss={args.calibration_loss!r}",
+            )
 
     def _columns_to_carry(self, args) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Dataset columns kept through preparation, and those the collator turns into per-token tensors."""

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from tqdm.auto import tqdm
 
 from .mcq import (
@@ -162,6 +163,13 @@ def normalize_answer_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def _as_trained(completion: Any, tokenizer) -> Any:
+    """The completion as `SFTTrainer` trains on it: a plain-text completion gets the EOS token appended."""
+    if isinstance(completion, str) and tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
+        return completion + tokenizer.eos_token
+    return completion
+
+
 def _completion_text(completion: Any) -> str:
     if is_conversational_prompt(completion):
         return "".join(m.get("content", "") for m in completion)
@@ -202,7 +210,7 @@ def score_completions(
     seqs, comp_len, prompt_ids = {}, {}, {}
     for i in indices:
         p = tokenize_prompt(tokenizer, prompts[i])
-        full = tokenize_prompt_completion(tokenizer, prompts[i], completions[i])
+        full = tokenize_prompt_completion(tokenizer, prompts[i], _as_trained(completions[i], tokenizer))
         k = _common_prefix(p, full)
         if k >= len(full):
             raise ValueError(f"Row {i} has an empty completion: there is no answer to score.")
@@ -231,6 +239,10 @@ def score_completions(
             bar.update(len(batch))
         bar.close()
         if check_greedy:
+            # `generate` lives on the model itself, not on its DDP/FSDP wrapper; with several processes each one
+            # keeps stepping until all are done (`synced_gpus`), since sharded models gather weights in every forward
+            generator = extract_model_from_parallel(model)
+            synced = state is not None
             for start in tqdm(
                 range(0, len(order), batch_size), desc="Greedy answers", disable=not show, unit="batch"
             ):
@@ -239,12 +251,13 @@ def score_completions(
                 width = ids.shape[1]
                 new = max_new_tokens or max(comp_len[i] for i in batch) + 8
                 with torch.no_grad():
-                    out = model.generate(
+                    out = generator.generate(
                         input_ids=ids,
                         attention_mask=mask,
                         max_new_tokens=new,
                         do_sample=False,
                         pad_token_id=pad_id,
+                        synced_gpus=synced,
                     )
                 texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
                 for r, i in enumerate(batch):
@@ -316,9 +329,13 @@ def style_adapt(
         return model
     if len(dataset) == 0:
         raise ValueError("Style adaptation needs a non-empty dataset.")
-    per_device = max(1, min(per_device_batch_size, batch_size))
-    accumulation = max(1, batch_size // per_device)
-    needed = steps * per_device * accumulation
+    from accelerate import PartialState
+
+    # `batch_size` is the optimizer batch over all processes, as in a single-process run
+    world = PartialState().num_processes
+    per_device = max(1, min(per_device_batch_size, batch_size // world))
+    accumulation = max(1, batch_size // (per_device * world))
+    needed = steps * per_device * accumulation * world
     data = dataset.select_columns(["prompt", "completion"]).shuffle(seed=seed)
     if len(data) < needed:  # several passes over a small dataset
         from datasets import concatenate_datasets

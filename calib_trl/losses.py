@@ -28,7 +28,6 @@ from contextlib import nullcontext
 import torch
 
 
-CALIBRATION_LOSSES = ("ls", "mbls", "ecp", "none")
 
 # Elements of the `[chunk, V]` logits buffer of `ChunkedLogitPenalty` (64 MiB in float32)
 _CHUNK_ELEMENTS = 1 << 24
@@ -92,8 +91,9 @@ def label_smoothing_term(
 
     Only valid without final-logit soft-capping; `ChunkedLogitPenalty` covers that case.
     """
-    direction = weight[labels] - weight.mean(0)  # [N, H]
-    term = (hidden.to(direction.dtype) * direction).float().sum(-1)
+    # In float32: under bf16 the difference of two nearby logits would lose most of its digits
+    direction = weight[labels].float() - weight.float().mean(0)  # [N, H]
+    term = (hidden.float() * direction).sum(-1)
     if bias is not None:
         term = term + (bias[labels] - bias.mean()).float()
     return logit_scale * term
@@ -159,16 +159,34 @@ class ChunkedLogitPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mean, grad_penalty):
         hidden, weight, bias, max_val, max_idx = ctx.saved_tensors
-        logit_scale, softcap, margin, want_mean, dtype, chunk = ctx.args
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        margin, want_mean = ctx.args[2], ctx.args[3]
+        use_mean = want_mean and grad_mean is not None
+        use_pen = margin is not None and grad_penalty is not None
+        needs = ctx.needs_input_grad[:3]
+        if not (use_mean or use_pen):
+            return None, None, None, None, None, None, None
+        # Like TRL's fused head: under ZeRO-3 the saved parameter is partitioned again by now, so gather it anew
+        try:
+            from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+            gather = maybe_gather_lm_head_ctx(weight, bias)
+        except ImportError:  # pragma: no cover - older TRL
+            gather = nullcontext()
+        with gather:
+            grads = ChunkedLogitPenalty._backward_chunks(
+                hidden, weight, bias, max_val, max_idx, grad_mean, grad_penalty, ctx.args, use_mean, use_pen, needs
+            )
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def _backward_chunks(hidden, weight, bias, max_val, max_idx, grad_mean, grad_penalty, args, use_mean, use_pen,
+                         needs):
+        logit_scale, softcap, margin, want_mean, dtype, chunk = args
+        need_h, need_w, need_b = needs
         n, vocab = hidden.shape[0], weight.shape[0]
         grad_h = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
-        use_mean = want_mean and grad_mean is not None
-        use_pen = margin is not None and grad_penalty is not None
-        if not (use_mean or use_pen):
-            return grad_h, grad_w, grad_b, None, None, None, None
         w = weight.to(dtype)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
@@ -199,10 +217,6 @@ class ChunkedLogitPenalty(torch.autograd.Function):
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None,
-            None,
-            None,
-            None,
         )
 
 
@@ -213,10 +227,11 @@ def calibration_term(
     entropy: torch.Tensor | None,
     lm_head: torch.nn.Module | None,
     transform: dict | None,
-    ls_epsilon: float = 0.1,
-    mbls_margin: float = 10.0,
-    mbls_lambda: float = 0.1,
-    ecp_beta: float = 0.1,
+    *,
+    ls_epsilon: float,
+    mbls_margin: float,
+    mbls_lambda: float,
+    ecp_beta: float,
 ) -> torch.Tensor:
     """
     The per-token term that turns `NLL` into the method's standard loss (`L_method - NLL`), for selected tokens.
@@ -232,7 +247,7 @@ def calibration_term(
     if method == "ecp":
         return -ecp_beta * entropy
     if method not in ("ls", "mbls"):
-        raise ValueError(f"Unknown calibration method {method!r}; expected one of {CALIBRATION_LOSSES}.")
+        raise ValueError(f"Unknown calibration method {method!r}; expected 'ls', 'mbls' or 'ecp'.")
     weight, bias, gather_ctx = full_lm_head_params(lm_head)
     scale, softcap = transform["logit_scale"], transform["softcap"]
     with gather_ctx:

@@ -89,11 +89,11 @@ class CalibrationModelCardMixin:
         """
         if not hasattr(self, "_calibration_results"):
             self._calibration_results = {}
-        if diagram is not None and os.path.isabs(diagram):
-            try:
-                diagram = os.path.relpath(diagram, self.args.output_dir)
-            except ValueError:
-                pass
+        if diagram is not None:
+            try:  # relative to the card, which lives in `output_dir`
+                diagram = os.path.relpath(os.path.abspath(diagram), os.path.abspath(self.args.output_dir))
+            except ValueError:  # another drive (Windows)
+                diagram = os.path.abspath(diagram)
         step = getattr(getattr(self, "state", None), "global_step", None)
         self._calibration_results[(dataset_name, split)] = {
             "dataset": dataset_name, "split": split, "step": step, "report": dict(report), "diagram": diagram,

@@ -64,6 +64,8 @@ class RCFTTrainer(CalibSFTTrainer):
             raise ValueError("RCFT needs a `datasets.Dataset` (an `IterableDataset` cannot be scored by the E-step).")
         validate_mcq_dataset(train_dataset, name="train dataset", require_completion=True)
         self._rcft_active = args.ece_weight > 0
+        if args.calibrates:  # RCFT combined with CogCalib's calibration loss
+            self._tag_names = [*type(self)._tag_names, "cogcalib"]
         estep_rows = estep_dataset if estep_dataset is not None else train_dataset
         if estep_dataset is not None:
             validate_mcq_dataset(estep_dataset, name="estep_dataset")
@@ -84,6 +86,9 @@ class RCFTTrainer(CalibSFTTrainer):
 
     def _needs_hidden(self) -> bool:
         return True
+
+    def _reads_lm_head(self) -> bool:
+        return self._rcft_active or super()._reads_lm_head()
 
     def _columns_to_carry(self, args) -> tuple[tuple[str, ...], tuple[str, ...]]:
         # The prompt/completion/choices columns ride along through TRL's maps; `_post_tokenize` uses them to locate
@@ -112,7 +117,14 @@ class RCFTTrainer(CalibSFTTrainer):
         tok = getattr(processing_class, "tokenizer", processing_class)
         k_max = max(len(c) for c in dataset["choices"])
         lookup = OptionTokenLookup(tok, k_max, self.chat_template)
-        keep_end = args.truncation_mode == "keep_end" and args.max_length is not None
+        if args.packing and args.packing_strategy != "bfd":
+            raise ValueError(
+                f"RCFT needs each question whole: `packing_strategy={args.packing_strategy!r}` can cut a question off "
+                "its answer. Use `packing_strategy='bfd'`."
+            )
+        keep_end = args.truncation_mode == "keep_end" and args.max_length is not None and not args.packing
+        # With packing, preparation skips truncation and bfd packing keeps the first `max_length` tokens
+        limit = args.max_length if args.packing and args.max_length is not None else None
         markers, problems = [], []
         option_ids = self._option_ids
         for i, row in enumerate(dataset.select_columns(["prompt", "completion", "choices", "answer", "input_ids"])):
@@ -132,8 +144,9 @@ class RCFTTrainer(CalibSFTTrainer):
             k = len(row["choices"])
             answer = row["answer"] if isinstance(row["answer"], int) else LETTERS.index(str(row["answer"]).strip().upper())
             marker = [0] * len(ids)
-            if not 0 <= position < len(ids):
-                problems.append((i, f"its answer position ({position}) is outside the {len(ids)} tokens kept "
+            kept = len(ids) if limit is None else min(len(ids), limit)
+            if not 0 <= position < kept:
+                problems.append((i, f"its answer position ({position}) is outside the {kept} tokens kept "
                                     f"(`max_length={args.max_length}` cuts it off)"))
             elif ids[position] != letters[answer]:
                 problems.append((i, f"its completion starts with {tok.decode([ids[position]])!r} instead of the answer "
@@ -192,6 +205,8 @@ class RCFTTrainer(CalibSFTTrainer):
         stats = self._bin_stats
         for key in ("estep_accuracy", "estep_ece", "estep_cw_ece"):
             self._metrics[mode][f"rcft/{key}"] = [stats[key]]
+        if self._excluded_rows:
+            self._metrics[mode]["rcft/excluded_rows"] = [self._excluded_rows]
         loss = self._guard_nonfinite(loss, model)
         return (loss, result[1]) if return_outputs else loss
 
@@ -200,11 +215,11 @@ class RCFTTrainer(CalibSFTTrainer):
         lm_head = unwrap_base(model).get_output_embeddings()
         weight, bias, ctx = full_lm_head_params(lm_head)
         ids = torch.tensor(self._option_ids, device=hidden.device)
-        with ctx:
-            y = hidden @ weight[ids].t()
+        with ctx:  # K rows only: in float32, so that bf16 does not round the option logits before the softmax
+            y = hidden.float() @ weight[ids].float().t()
             if bias is not None:
-                y = y + bias[ids]
-        z = y.float() * self._head_transform["logit_scale"]
+                y = y + bias[ids].float()
+        z = y * self._head_transform["logit_scale"]
         if self._head_transform["softcap"] is not None:
             cap = self._head_transform["softcap"]
             z = cap * torch.tanh(z / cap)

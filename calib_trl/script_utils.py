@@ -53,7 +53,8 @@ def load_model(model_args: ModelConfig, training_args):
         path, dtype=dtype, attn_implementation=model_args.attn_implementation, revision=model_args.model_revision
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, path
+    # Evaluate and detect on the training device; the trainer keeps it there
+    return model.to(training_args.device), tokenizer, path
 
 
 def evaluate_splits(model, tokenizer, splits, batch_size):

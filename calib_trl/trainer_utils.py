@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from contextlib import contextmanager
 
@@ -82,10 +81,13 @@ class ForwardCapture:
 
 def shifted(tensor: torch.Tensor, inputs: dict) -> torch.Tensor:
     """
-    Align a per-token input tensor (a flag of the token being predicted) with the fused head's outputs: the label
-    positions `1:`, unless the labels come pre-shifted (`shift_labels`, context/sequence parallelism).
+    Align a per-token input tensor (e.g. the flag of each token) with the fused head's outputs, whose position `t`
+    predicts token `t + 1`: positions `1:`, or, when the labels come pre-shifted (`shift_labels`), the same shift
+    padded with 0 at the end to keep the sequence length.
     """
-    return tensor if "shift_labels" in inputs else tensor[:, 1:]
+    if "shift_labels" in inputs:
+        return torch.nn.functional.pad(tensor[:, 1:], (0, 1))
+    return tensor[:, 1:]
 
 
 def predicting(hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
@@ -281,16 +283,17 @@ class CalibrationTrainerMixin:
         self._skipped_steps = state.get("skipped_steps", 0)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Written before the checkpoint itself, so that a push of the checkpoint to the Hub includes it
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump(self._calib_state(), f, indent=2, default=_json_default)
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
-        if checkpoint is True or (isinstance(checkpoint, bool) and checkpoint):
+        if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str):
             path = os.path.join(checkpoint, STATE_FILE)
@@ -303,8 +306,6 @@ class CalibrationTrainerMixin:
 
 
 def _json_default(value):
-    if isinstance(value, float) and math.isinf(value):
-        return str(value)
-    if hasattr(value, "tolist"):
+    if hasattr(value, "tolist"):  # tensors and numpy values
         return value.tolist()
     raise TypeError(f"Cannot serialise {type(value).__name__}")

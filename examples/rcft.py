@@ -41,7 +41,7 @@ def main(script_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
     )
     add_calibration_callback(trainer, splits, script_args)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finish(trainer, tokenizer, splits, before, script_args, "CFT" if training_args.ece_weight == 0 else "RCFT")
 
 

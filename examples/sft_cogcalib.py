@@ -61,7 +61,7 @@ def main(script_args, training_args, model_args):
         calibration_dataset=calibration,
     )
     add_calibration_callback(trainer, splits, script_args)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finish(trainer, tokenizer, splits, before, script_args, "CogCalib")
 
 

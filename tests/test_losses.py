@@ -126,4 +126,5 @@ def test_ls_identity_and_chunked_penalty_match_full_logits(monkeypatch):
 
 def test_calibration_term_rejects_unknown_method():
     with pytest.raises(ValueError, match="Unknown calibration method"):
-        losses.calibration_term("focal", None, torch.zeros(1), None, None, None)
+        losses.calibration_term("focal", None, torch.zeros(1), None, None, None, ls_epsilon=0.1, mbls_margin=10.0,
+                                mbls_lambda=0.1, ecp_beta=0.1)
