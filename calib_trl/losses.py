@@ -13,8 +13,9 @@ so every method is `NLL + term`, and the trainer only needs the per-token `term`
   `z_y - mean_v z_v = s (h . (W_y - mean_v W_v) + b_y - mean_v b_v)`: one gather and one mean over the rows of the
   LM head, `O(tokens x hidden)` (`label_smoothing_term`). With soft-capping the identity does not hold, and the exact
   mean is computed by `ChunkedLogitPenalty` instead.
-- `mbls`: needs the max logit, so `ChunkedLogitPenalty` projects the selected tokens through the LM head in token
-  chunks (a bounded `[chunk, V]` buffer), and recomputes each chunk in the backward.
+- `mbls`: needs the max logit, so `MarginPenalty` projects the selected tokens through the LM head once, in token
+  chunks (a bounded `[chunk, V]` buffer), and keeps only the few logits within the margin of the max: the backward
+  needs no projection (with soft-capping, `ChunkedLogitPenalty` recomputes each chunk in the backward instead).
 - `ecp`: the entropy that TRL's fused LM head already returns, with its gradient.
 
 `rcft_target` and `rcft_ece_loss` implement the ECE regulariser of RCFT (see `calib_trl.rcft_trainer`).
@@ -220,6 +221,116 @@ class ChunkedLogitPenalty(torch.autograd.Function):
         )
 
 
+class MarginPenalty(torch.autograd.Function):
+    """
+    MbLS's `mean_v relu(max_k z_k - z_v - margin)` per token, for logits `z = s (hidden @ weight.T + bias)` without
+    soft-capping, with one projection of the selected tokens and no projection in the backward.
+
+    The penalty's gradient is sparse in structure: each logit more than `margin` below the max gets `-1/V`, the max
+    gets `+count/V`, and the logits within `margin` of the max (the "near" set, usually a handful of tokens) get 0. So
+    the forward projects each chunk of tokens once, to find the max, the near set and the penalty, and keeps only the
+    near set's indices; the backward then needs no logits at all:
+
+        dL/dh_t = s g_t / V (-sum_v W_v + sum_{v near t} W_v + count_t W_{argmax_t})
+        dL/dW   = s / V (-1 (x) sum_t g_t h_t + sum_t g_t h_t (x) 1_{near t} + count_t g_t h_t (x) e_{argmax_t})
+
+    i.e. one mean over the LM head's rows, and gathers/scatters over the near sets. When the near sets are large (a
+    flat distribution with a wide margin), storing them would cost more than recomputing, and the token chunk falls
+    back to `ChunkedLogitPenalty`'s recompute-in-backward path (`max_near` bounds the average near-set size kept).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, logit_scale: float, margin: float, max_near: int):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        chunk = max(1, _CHUNK_ELEMENTS // vocab)
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        penalty = torch.zeros(n, device=hidden.device, dtype=torch.float32)
+        argmax = torch.zeros(n, device=hidden.device, dtype=torch.long)
+        below = torch.zeros(n, device=hidden.device, dtype=torch.float32)
+        max_val = torch.zeros(n, device=hidden.device, dtype=torch.float32)
+        rows, cols = [], []
+        dense = torch.zeros(n, device=hidden.device, dtype=torch.bool)  # chunks too wide to store sparsely
+        w = weight.to(dtype)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            y = hidden[start:end].to(dtype) @ w.t()
+            if bias is not None:
+                y = y + bias.to(dtype)
+            z = y.float() * logit_scale
+            m, idx = z.max(-1)
+            cut = (m - margin).unsqueeze(-1)
+            penalty[start:end] = (cut - z).clamp(min=0).mean(-1)
+            near = z >= cut
+            argmax[start:end], max_val[start:end] = idx, m
+            below[start:end] = vocab - near.sum(-1)
+            if near.sum() <= max_near * (end - start):
+                r, c = near.nonzero(as_tuple=True)
+                rows.append(r + start)
+                cols.append(c)
+            else:
+                dense[start:end] = True
+        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=hidden.device)
+        cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long, device=hidden.device)
+        ctx.save_for_backward(hidden, weight, bias, argmax, below, max_val, rows, cols, dense)
+        ctx.args = (logit_scale, margin, dtype, chunk)
+        return penalty
+
+    @staticmethod
+    def backward(ctx, grad_penalty):
+        hidden, weight, bias, argmax, below, max_val, rows, cols, dense = ctx.saved_tensors
+        logit_scale, margin, dtype, chunk = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        try:
+            from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+            gather = maybe_gather_lm_head_ctx(weight, bias)
+        except ImportError:  # pragma: no cover - older TRL
+            gather = nullcontext()
+        with gather:
+            vocab = weight.shape[0]
+            sparse = ~dense
+            g = (grad_penalty.float() * logit_scale / vocab) * sparse  # per token; dense chunks handled below
+            h = hidden.float()
+            gh = g.unsqueeze(-1) * h  # [N, H]
+            grad_h = grad_w = grad_b = None
+            if need_h:
+                near_sum = torch.zeros_like(h).index_add_(0, rows, weight[cols].float())
+                row_sum = weight.sum(0, dtype=torch.float32)
+                grad_h = g.unsqueeze(-1) * (near_sum - row_sum + below.unsqueeze(-1) * weight[argmax].float())
+            if need_w:
+                grad_w = (-gh.sum(0)).expand(vocab, -1).clone()
+                grad_w.index_add_(0, cols, gh[rows])
+                grad_w.index_add_(0, argmax, below.unsqueeze(-1) * gh)
+            if need_b:
+                grad_b = torch.full((vocab,), -float(g.sum()), device=g.device)
+                grad_b.index_add_(0, cols, g[rows])
+                grad_b.index_add_(0, argmax, below * g)
+            if dense.any():  # the chunks whose near sets were too large: recompute them
+                idx = dense.nonzero().flatten()
+                sub = ChunkedLogitPenalty._backward_chunks(
+                    hidden[idx], weight, bias, max_val[idx], argmax[idx], None, grad_penalty[idx],
+                    (logit_scale, None, margin, False, dtype, chunk), False, True, (need_h, need_w, need_b),
+                )
+                if need_h:
+                    grad_h[idx] = sub[0].float()
+                if need_w:
+                    grad_w += sub[1].float()
+                if need_b:
+                    grad_b += sub[2].float()
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None,
+            None,
+            None,
+        )
+
+
+# Average number of near-max logits per token below which `MarginPenalty` keeps them sparse
+MAX_NEAR = 256
+
+
 def calibration_term(
     method: str,
     hidden: torch.Tensor | None,
@@ -259,6 +370,8 @@ def calibration_term(
                 ((hidden * weight[labels]).sum(-1) + (0 if bias is None else bias[labels])).float(), scale, softcap
             )
             return ls_epsilon * (z_y - mean)
+        if softcap is None:
+            return mbls_lambda * MarginPenalty.apply(hidden, weight, bias, scale, mbls_margin, MAX_NEAR)
         _, penalty = ChunkedLogitPenalty.apply(hidden, weight, bias, scale, softcap, mbls_margin, False)
         return mbls_lambda * penalty
 

@@ -124,6 +124,23 @@ def test_ls_identity_and_chunked_penalty_match_full_logits(monkeypatch):
     torch.testing.assert_close(label_smoothing_term(h, y, w, b, 0.7), z.gather(1, y[:, None]).squeeze(1) - z.mean(-1), check_dtype=False)
 
 
+@pytest.mark.parametrize("max_near", [10_000, 0])  # sparse near sets, and the recompute fallback for wide ones
+def test_margin_penalty_matches_full_logits(monkeypatch, max_near):
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 64)  # several chunks
+    torch.manual_seed(2)
+    h = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    for margin in (0.0, 1.5, 4.0):
+        z = (h @ w.t() + b) * 0.7
+        ref = (z.max(-1, keepdim=True).values - z - margin).clamp(min=0).mean(-1)
+        got = losses.MarginPenalty.apply(h, w, b, 0.7, margin, max_near)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+        g = torch.randn(9, dtype=torch.float64)
+        for a, e in zip(torch.autograd.grad((got * g).sum(), (h, w, b)), torch.autograd.grad((ref * g).sum(), (h, w, b))):
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+
+
 def test_calibration_term_rejects_unknown_method():
     with pytest.raises(ValueError, match="Unknown calibration method"):
         losses.calibration_term("focal", None, torch.zeros(1), None, None, None, ls_epsilon=0.1, mbls_margin=10.0,
