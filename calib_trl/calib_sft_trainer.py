@@ -108,7 +108,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         self._head_transform = lm_head_transform(unwrap_base(self.model))
         self._answer_nll = args.answer_nll
         if self._answer_nll == "auto":
-            self._answer_nll = "first" if train_dataset is not None and _has_choices(train_dataset) else "mean"
+            self._answer_nll = "first" if train_dataset is not None and is_multiple_choice(train_dataset) else "mean"
 
         self.detector = None
         if online:
@@ -301,13 +301,6 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         super()._load_calib_state(state)
         if self.detector is not None and "online_detector" in state:
             self.detector.load_state_dict(state["online_detector"])
-
-
-def _has_choices(dataset) -> bool:
-    names = dataset.column_names
-    if names is None:
-        names = list(next(iter(dataset)).keys())
-    return "choices" in names and "answer" in names
 
 
 CalibSFTTrainer.__doc__ = textwrap.dedent(CalibSFTTrainer.__doc__)

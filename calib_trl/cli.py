@@ -15,6 +15,9 @@ import os
 import sys
 
 
+from .utils import json_safe
+
+
 def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, seed: int = 0):
     """
     A multiple-choice split: `default` (the embedded MMLU, see `calib_trl.defaults.load_default_dataset`), a directory
@@ -114,7 +117,7 @@ def cmd_evaluate(args) -> dict:
     }
     path = os.path.join(args.output_dir, "calibration.json")
     with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+        json.dump(json_safe(out), f, indent=2)
     print(format_table({f"{args.model} / {args.split}": report}))
     print(f"\nWrote {path} and {diagram}")
     return out
@@ -142,7 +145,7 @@ def cmd_detect(args):
     if report is not None:
         print(report)
         with open(os.path.splitext(args.output.rstrip("/"))[0] + "_detection.json", "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+            json.dump(json_safe(report.to_dict()), f, indent=2)
     print(f"Known: {sum(flagged['known'])} of {len(flagged)} rows. Wrote {args.output}")
 
 

@@ -152,7 +152,11 @@ def detection_report(nll, correct, threshold: float, j=None, tpr=None, tnr=None,
 
 
 def is_multiple_choice(dataset) -> bool:
-    return "choices" in dataset.column_names and "answer" in dataset.column_names
+    """Whether the rows carry `choices` and `answer` (an `IterableDataset` without features: its first row)."""
+    names = dataset.column_names
+    if names is None:
+        names = list(next(iter(dataset)).keys())
+    return "choices" in names and "answer" in names
 
 
 def normalize_answer_text(text: str) -> str:

@@ -16,6 +16,7 @@ from .defaults import resolve_model_name_or_path
 from .mcq import score_multiple_choice
 from .metrics import calibration_report, reliability_diagram_data
 from .plotting import plot_reliability_diagrams
+from .utils import json_safe
 
 
 @dataclass
@@ -116,8 +117,8 @@ def finish(trainer, tokenizer, splits, before, script_args, method):
             trainer.record_calibration(report, script_args.dataset_name or "default", split,
                                        diagram=figure if name == "eval" else None)
         with open(os.path.join(out, "calibration.json"), "w") as f:
-            json.dump({"name": method, "report": after["eval"][0], "reliability_diagram": after["eval"][1],
-                       "before": before["eval"][0], "ood": after.get("ood", (None,))[0]}, f, indent=2)
+            json.dump(json_safe({"name": method, "report": after["eval"][0], "reliability_diagram": after["eval"][1],
+                                 "before": before["eval"][0], "ood": after.get("ood", (None,))[0]}), f, indent=2)
         print(f"Wrote {figure}, {out}/calibration.json and the model card {out}/README.md")
     trainer.save_model(out)
     trainer.create_model_card(dataset_name=None if script_args.dataset_name == "default" else script_args.dataset_name)

@@ -205,7 +205,7 @@ class CalibrationTrainerMixin:
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for column in (*self._carried_columns, *self._flag_columns):
+        for column in self._flag_columns:  # the carried-only columns have served their purpose by now
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
