@@ -124,14 +124,16 @@ def test_ls_identity_and_chunked_penalty_match_full_logits(monkeypatch):
     torch.testing.assert_close(label_smoothing_term(h, y, w, b, 0.7), z.gather(1, y[:, None]).squeeze(1) - z.mean(-1), check_dtype=False)
 
 
-@pytest.mark.parametrize("max_near", [10_000, 0])  # sparse near sets, and the recompute fallback for wide ones
+# 10_000: the near sets kept sparsely; 3: the far sets where they are the smaller (wide margins), else the recompute
+# fallback; 0: the recompute fallback (and empty far sets at the widest margin)
+@pytest.mark.parametrize("max_near", [10_000, 3, 0])
 def test_margin_penalty_matches_full_logits(monkeypatch, max_near):
     monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 64)  # several chunks
     torch.manual_seed(2)
     h = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(17, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(17, dtype=torch.float64, requires_grad=True)
-    for margin in (0.0, 1.5, 4.0):
+    for margin in (0.0, 1.5, 4.0, 6.0, 100.0):
         z = (h @ w.t() + b) * 0.7
         ref = (z.max(-1, keepdim=True).values - z - margin).clamp(min=0).mean(-1)
         got = losses.MarginPenalty.apply(h, w, b, 0.7, margin, max_near)
