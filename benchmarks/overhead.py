@@ -4,14 +4,19 @@ Step time and peak memory of calib-trl's losses against plain `SFTTrainer` on th
 
     python benchmarks/overhead.py                         # CPU: SmolLM2-135M shape, 2 x 256 tokens
     python benchmarks/overhead.py --device cuda --shape llama-1b --batch 8 --seq 2048 --dtype bfloat16
+    python benchmarks/overhead.py --weights default --variants sft ls mbls ecp mbls_all   # trained logits, MMLU text
 
-All variants train the same model on the same random token data (every token a completion token, half of the
-examples flagged known). Step time: one process holds a trainer per variant around one shared model and times their
+All variants train the same model on the same data (every token a completion token, half of the examples flagged
+known): by default a randomly initialised model of the shape on random tokens; with `--weights default` the embedded
+SmolLM2-135M-Instruct on MMLU text. The two differ for MbLS only: its cost depends on how many logits lie within the
+margin of the max, which a random initialisation (all of them) and random tokens (tens of thousands) make unlike a
+trained model on real text (hundreds). Step time: one process holds a trainer per variant around one shared model and times their
 `training_step` (forward + backward) in alternation, round after round, so that a drift of the machine hits every
 variant alike; the table reports the median over `--steps` rounds after `--warmup`. Peak memory: each variant trains
 `--warmup + 2` steps in a process of its own (CUDA: `max_memory_allocated`; CPU: the process's peak RSS, which includes
 the Python runtime, model, gradients and optimizer state, so it is a coarse measure). Ratios are against
-`SFTTrainer`. Results go to `benchmarks/results/overhead_<device>.json` and the table into benchmarks/README.md.
+`SFTTrainer`. Results go to `benchmarks/results/overhead_<device>[_default_weights].json` and the table into
+benchmarks/README.md.
 
 Variants: `sft` (TRL's SFTTrainer), `none` (CalibSFTTrainer with calibration_loss="none"), `ls`/`mbls`/`ecp` on known
 examples, `ls_all`/`mbls_all`/`ecp_all` on every example, `trl_label_smoothing` (SFTConfig.label_smoothing_factor),
@@ -52,6 +57,8 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
+    if args.weights == "default":
+        return build_default(args)
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=max(4096, args.seq), **SHAPES[args.shape])
     dtype = getattr(torch, args.dtype)
@@ -64,6 +71,26 @@ def build(args):
     ids = torch.randint(2, config.vocab_size, (n, args.seq), generator=g).tolist()
     data = Dataset.from_dict({"input_ids": ids, "known": [i % 2 == 0 for i in range(n)]})
     return model, tok, data
+
+
+def build_default(args):
+    """The embedded SmolLM2-135M-Instruct on MMLU text: the logit distributions of a trained model on real data."""
+    from datasets import Dataset
+
+    from calib_trl.defaults import load_default_dataset, load_default_model, load_default_tokenizer
+
+    model = load_default_model(dtype=getattr(torch, args.dtype))
+    tok = load_default_tokenizer()
+    n = args.batch * (args.steps + args.warmup)
+    rows, stream = [], []
+    for row in load_default_dataset()["train"]:
+        stream += tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
+        while len(stream) >= args.seq and len(rows) < n:
+            rows.append(stream[: args.seq])
+            stream = stream[args.seq :]
+        if len(rows) == n:
+            break
+    return model, tok, Dataset.from_dict({"input_ids": rows, "known": [i % 2 == 0 for i in range(n)]})
 
 
 def make_trainer(variant, model, tok, data, args, output_dir):
@@ -157,10 +184,16 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--weights", default="random", choices=["random", "default"],
+                        help="`random`: a randomly initialised model of `--shape` on random tokens; `default`: the "
+                             "embedded SmolLM2-135M-Instruct on MMLU text (trained logits, where MbLS's near sets are "
+                             "realistic)")
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.weights == "default" and args.shape != "smollm2-135m":
+        parser.error("--weights default is SmolLM2-135M-Instruct: use --shape smollm2-135m")
 
     if args.variant:  # child process
         print(json.dumps({"peak_memory_gib": peak_memory(args)}))
@@ -171,7 +204,7 @@ def main():
     results = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={getattr(args, k)}" for k in ("device", "shape", "dtype", "batch", "seq", "warmup")
+            f"--{k}={getattr(args, k)}" for k in ("device", "shape", "dtype", "batch", "seq", "warmup", "weights")
         ] + (["--gc"] if args.gc else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if out.returncode != 0:
@@ -189,7 +222,8 @@ def main():
     lines = [
         f"Device {args.device} ({platform.processor() or platform.machine()}, "
         f"{torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} cores'}), "
-        f"shape {args.shape}, {args.dtype}, batch {args.batch} x {args.seq} tokens; step time = forward + backward, "
+        f"{'SmolLM2-135M-Instruct weights on MMLU text' if args.weights == 'default' else f'shape {args.shape}, random weights and tokens'}, "
+        f"{args.dtype}, batch {args.batch} x {args.seq} tokens; step time = forward + backward, "
         f"median of {args.steps} alternating rounds",
         "",
         "| variant | step time (s) | x SFTTrainer | peak memory (GiB) | x SFTTrainer | tokens/s |",
@@ -205,10 +239,11 @@ def main():
     table = "\n".join(lines)
     print("\n" + table)
     payload = {"settings": {k: getattr(args, k) for k in ("device", "shape", "dtype", "batch", "seq", "steps", "warmup",
-                                                           "gc")},
+                                                           "gc", "weights")},
                "torch": torch.__version__, "results": results, "table": table}
-    path = save_json(f"overhead_{args.device}", payload)
-    write_readme_section("overhead", args.device, table)
+    key = args.device if args.weights == "random" else f"{args.device}_default_weights"
+    path = save_json(f"overhead_{key}", payload)
+    write_readme_section("overhead", key, table)
     print(f"\nWrote {path} and the table in benchmarks/README.md")
 
 
