@@ -2,7 +2,7 @@
 """
 Reproduction benchmark: every method on the same data and step budget, evaluated in-domain and out-of-domain.
 
-    python benchmarks/reproduce.py --mode cpu              # small budget on a CPU (1-2 hours on 2 cores)
+    python benchmarks/reproduce.py --mode cpu              # small budget on a CPU (about 90 minutes on 2 cores)
     python benchmarks/reproduce.py --mode gpu              # full scale (MMLU train split) on one GPU
     python benchmarks/reproduce.py --mode smoke            # a few steps of a tiny random model: checks the pipeline
 
@@ -45,26 +45,28 @@ MODES = {
     # per-device batch, style-adaptation steps and batch, E-step rows, max_length
     "gpu": dict(train=None, eval=None, calibration=None, epoch_scale=1.0, batch=None, per_device=32, style_steps=60,
                 style_batch=64, estep_samples=1000, max_length=1024),
-    # 2 CPU cores: 64 training rows with the regimes' epochs and learning rates, and smaller batches so that each
-    # regime still takes a few dozen optimizer steps
-    "cpu": dict(train=64, eval=150, calibration=200, epoch_scale=1.0, batch={"short": 8, "overfit": 16}, per_device=8,
-                style_steps=8, style_batch=16, estep_samples=64, max_length=None),
+    # 2 CPU cores (about 2.3 s per training row and epoch for SmolLM2 in float32): 32 training rows with the regimes'
+    # epochs and learning rates, and small batches so that each regime still takes a couple of dozen optimizer steps;
+    # about 9 minutes per trained method
+    "cpu": dict(train=32, eval=120, calibration=200, epoch_scale=1.0, batch={"short": 4, "overfit": 8}, per_device=8,
+                style_steps=8, style_batch=16, estep_samples=32, max_length=None),
     "smoke": dict(train=16, eval=12, calibration=12, epoch_scale=0.2, batch=None, per_device=4, style_steps=1,
                   style_batch=4, estep_samples=16, max_length=256),
 }
 
 # name -> (trainer, config overrides)
+# (in the order they run: the default CogCalib setting and the RCFT pair first, so that a cut-short run has them)
 METHODS = {
     "base": (None, {}),
     "sft": ("calib", dict(calibration_loss="none")),
-    "ls_all": ("calib", dict(calibration_loss="ls", apply_to="all")),
-    "cols": ("calib", dict(calibration_loss="ls")),
-    "combls": ("calib", dict(calibration_loss="mbls")),
     "coecp": ("calib", dict(calibration_loss="ecp")),
-    "coecp_online": ("calib", dict(calibration_loss="ecp", detection="online")),
     "cft": ("rcft", dict(ece_weight=0.0)),
     "rcft": ("rcft", dict(ece_weight=0.5)),
     "coecp_rcft": ("rcft", dict(ece_weight=0.5, calibration_loss="ecp")),
+    "cols": ("calib", dict(calibration_loss="ls")),
+    "combls": ("calib", dict(calibration_loss="mbls")),
+    "ls_all": ("calib", dict(calibration_loss="ls", apply_to="all")),
+    "coecp_online": ("calib", dict(calibration_loss="ecp", detection="online")),
 }
 
 
@@ -198,7 +200,7 @@ def main():
     }
     base_eval = evaluate(base_model, tok, data, args.eval_batch_size) if "base" in args.methods else None
     for regime in args.regimes:
-        rows = {}
+        rows = results["regimes"][regime] = {}
         if base_eval is not None:
             rows["base"] = {"eval": base_eval, "train_time_s": 0.0, "steps": 0}
         flagged, report = detect_known(
@@ -224,17 +226,23 @@ def main():
                   f"{r['ood']['accuracy']:.3f} ECE {r['ood']['ece']:.3f}  ({steps} steps, {seconds:.0f} s)", flush=True)
             del model
             gc.collect()
-        results["regimes"][regime] = rows
+            # Written after every method, so that an interrupted run keeps what it measured
+            write_results(results, args, smoke, done=False)
+    write_results(results, args, smoke, done=True)
 
+
+def write_results(results, args, smoke, done):
     table = markdown(results, args.mode)
-    print("\n" + table)
+    if done:
+        print("\n" + table)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
         path = args.output
     else:
         path = save_json(f"reproduce_{args.mode}", results)
-    print(f"Wrote {path}")
+    if done:
+        print(f"Wrote {path}")
     if not args.no_readme and not smoke:
         s = results["settings"]
         header = (f"Mode `{args.mode}` on {s['device']}: {s['sizes']['train']} training rows, {s['sizes']['test']} test "
