@@ -69,13 +69,16 @@ def full_lm_head_params(lm_head: torch.nn.Module):
         weight = weight.full_tensor()
         if bias is not None:
             bias = bias.full_tensor()
+    return weight, bias, _gather_lm_head(lm_head.weight, lm_head.bias)
+
+
+def _gather_lm_head(weight: torch.Tensor, bias: torch.Tensor | None):
+    """A context that keeps a ZeRO-3-partitioned LM head gathered (TRL's `maybe_gather_lm_head_ctx`; a no-op otherwise)."""
     try:
         from trl.trainer.utils import maybe_gather_lm_head_ctx
-
-        ctx = maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias)
     except ImportError:  # pragma: no cover - older TRL
-        ctx = nullcontext()
-    return weight, bias, ctx
+        return nullcontext()
+    return maybe_gather_lm_head_ctx(weight, bias)
 
 
 def label_smoothing_term(
@@ -102,11 +105,27 @@ def label_smoothing_term(
 
 def _transform(y: torch.Tensor, logit_scale: float, softcap: float | None):
     """Logits from the raw projection `y`, and `dz/dy` (needed by the backward)."""
-    y = y * logit_scale
+    if logit_scale != 1.0:
+        y = y * logit_scale
     if softcap is None:
         return y, None
     t = torch.tanh(y / softcap)
     return softcap * t, (1 - t * t)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype, logit_scale: float,
+                  softcap: float | None):
+    """float32 logits of a chunk of tokens, projected in `dtype` (the autocast dtype), and `dz/dy` (see `_transform`)."""
+    y = hidden.to(dtype) @ weight.t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return _transform(y.float(), logit_scale, softcap)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the LM head projects in: autocast's when it is on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
 class ChunkedLogitPenalty(torch.autograd.Function):
@@ -135,7 +154,7 @@ class ChunkedLogitPenalty(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n, vocab = hidden.shape[0], weight.shape[0]
         chunk = max(1, _CHUNK_ELEMENTS // vocab)
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        dtype = _compute_dtype(hidden)
         mean = torch.zeros(n, device=hidden.device, dtype=torch.float32) if want_mean else None
         penalty = torch.zeros(n, device=hidden.device, dtype=torch.float32) if margin is not None else None
         max_val = torch.zeros(n, device=hidden.device, dtype=torch.float32)
@@ -143,10 +162,7 @@ class ChunkedLogitPenalty(torch.autograd.Function):
         w = weight.to(dtype)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            y = hidden[start:end].to(dtype) @ w.t()
-            if bias is not None:
-                y = y + bias.to(dtype)
-            z, _ = _transform(y.float(), logit_scale, softcap)
+            z, _ = _chunk_logits(hidden[start:end], w, bias, dtype, logit_scale, softcap)
             if want_mean:
                 mean[start:end] = z.mean(-1)
             if margin is not None:
@@ -167,13 +183,7 @@ class ChunkedLogitPenalty(torch.autograd.Function):
         if not (use_mean or use_pen):
             return None, None, None, None, None, None, None
         # Like TRL's fused head: under ZeRO-3 the saved parameter is partitioned again by now, so gather it anew
-        try:
-            from trl.trainer.utils import maybe_gather_lm_head_ctx
-
-            gather = maybe_gather_lm_head_ctx(weight, bias)
-        except ImportError:  # pragma: no cover - older TRL
-            gather = nullcontext()
-        with gather:
+        with _gather_lm_head(weight, bias):
             grads = ChunkedLogitPenalty._backward_chunks(
                 hidden, weight, bias, max_val, max_idx, grad_mean, grad_penalty, ctx.args, use_mean, use_pen, needs
             )
@@ -192,10 +202,7 @@ class ChunkedLogitPenalty(torch.autograd.Function):
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             h = hidden[start:end].to(dtype)
-            y = h @ w.t()
-            if bias is not None:
-                y = y + bias.to(dtype)
-            z, dz_dy = _transform(y.float(), logit_scale, softcap)
+            z, dz_dy = _chunk_logits(h, w, bias, dtype, logit_scale, softcap)
             g = torch.zeros_like(z)
             if use_mean:
                 g += (grad_mean[start:end].float() / vocab).unsqueeze(-1)
@@ -247,7 +254,7 @@ class MarginPenalty(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, logit_scale: float, margin: float, max_near: int):
         n, vocab = hidden.shape[0], weight.shape[0]
         chunk = max(1, _CHUNK_ELEMENTS // vocab)
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        dtype = _compute_dtype(hidden)
         penalty = torch.zeros(n, device=hidden.device, dtype=torch.float32)
         argmax = torch.zeros(n, device=hidden.device, dtype=torch.long)
         below = torch.zeros(n, device=hidden.device, dtype=torch.float32)
@@ -258,12 +265,7 @@ class MarginPenalty(torch.autograd.Function):
         w = weight.to(dtype)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            y = hidden[start:end].to(dtype) @ w.t()
-            if bias is not None:
-                y = y + bias.to(dtype)
-            z = y.float()
-            if logit_scale != 1.0:
-                z = z * logit_scale
+            z, _ = _chunk_logits(hidden[start:end], w, bias, dtype, logit_scale, None)
             m, idx = z.max(-1)
             cut = (m - margin).unsqueeze(-1)
             penalty[start:end] = (cut - z).clamp_(min=0).mean(-1)
@@ -297,18 +299,10 @@ class MarginPenalty(torch.autograd.Function):
         hidden, weight, bias, argmax, below, max_val, near_kept, indices, values, dense = ctx.saved_tensors
         logit_scale, margin, dtype, chunk = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        try:
-            from trl.trainer.utils import maybe_gather_lm_head_ctx
-
-            gather = maybe_gather_lm_head_ctx(weight, bias)
-        except ImportError:  # pragma: no cover - older TRL
-            gather = nullcontext()
-        with gather:
+        with _gather_lm_head(weight, bias):
             n, vocab = hidden.shape[0], weight.shape[0]
             c = (grad_penalty.float() * logit_scale / vocab) * ~dense  # per token; dense chunks handled below
             d = c * near_kept  # the tokens whose -1 over the whole vocabulary is not in S
-            h = hidden.float()
-            ch = c.unsqueeze(-1) * h  # [N, H]
             indices = indices.long()
             s = torch.sparse_coo_tensor(indices, values, (n, vocab), is_coalesced=True, check_invariants=False)
             grad_h = grad_w = grad_b = None
@@ -318,6 +312,8 @@ class MarginPenalty(torch.autograd.Function):
                 grad_h -= d.unsqueeze(-1) * row_sum
                 grad_h += (c * below).unsqueeze(-1) * weight[argmax].float()
             if need_w:
+                h = hidden.float()
+                ch = c.unsqueeze(-1) * h  # [N, H]
                 grad_w = (-(d.unsqueeze(-1) * h).sum(0)).expand(vocab, -1).clone()
                 grad_w.index_add_(0, argmax, below.unsqueeze(-1) * ch)
                 grad_w = torch.sparse.addmm(grad_w, s.t(), ch)
