@@ -177,7 +177,8 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         return columns, columns
 
     def _needs_hidden(self) -> bool:
-        return self.args.calibrates and self.args.calibration_loss in ("ls", "mbls")
+        """Whether the loss needs the backbone's hidden states: those that project them through the LM head do."""
+        return self._reads_lm_head()
 
     # -- dataset -------------------------------------------------------------------------------------------------
 

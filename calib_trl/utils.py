@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -49,8 +50,6 @@ def resolve_bf16_default(config) -> None:
 
 def json_safe(value):
     """`value` with NaN and infinities replaced by `None`, so that it is valid JSON (AUROC is NaN when undefined)."""
-    import math
-
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
