@@ -5,6 +5,7 @@ Reproduction benchmark: every method on the same data and step budget, evaluated
     python benchmarks/reproduce.py --mode cpu              # small budget on a CPU (about 90 minutes on 2 cores)
     python benchmarks/reproduce.py --mode gpu              # full scale (MMLU train split) on one GPU
     python benchmarks/reproduce.py --mode smoke            # a few steps of a tiny random model: checks the pipeline
+    python benchmarks/reproduce.py --mode cpu --resume --methods ls_all coecp_b2   # add rows to a saved run
 
 Methods: the base model, standard SFT, label smoothing on all data, CoLS, CoMbLS, CoECP (precomputed and online
 detection), CFT, RCFT, and CogCalib (CoECP) combined with RCFT. Two regimes, because they behave differently:
@@ -69,6 +70,17 @@ METHODS = {
     "coecp_online": ("calib", dict(calibration_loss="ecp", detection="online")),
 }
 
+# Settings swept around the defaults (not run unless named in --methods): the entropy weight, CoECP on every token
+# (is the known/unknown split what helps?) and the gentler label smoothing of the paper
+SWEEP = {
+    "coecp_b0.5": ("calib", dict(calibration_loss="ecp", ecp_beta=0.5)),
+    "coecp_b2": ("calib", dict(calibration_loss="ecp", ecp_beta=2.0)),
+    "ecp_all": ("calib", dict(calibration_loss="ecp", apply_to="all")),
+    "cols_e0.1": ("calib", dict(calibration_loss="ls", ls_epsilon=0.1)),
+    "coecp_b2_rcft": ("rcft", dict(ece_weight=0.5, calibration_loss="ecp", ecp_beta=2.0)),
+    "rcft_a1": ("rcft", dict(ece_weight=1.0)),
+}
+
 
 def load_data(mode: dict, smoke: bool):
     if smoke:
@@ -109,7 +121,7 @@ def evaluate(model, tok, data, batch_size):
 def train_method(name, model, tok, data, flagged, regime, mode, args):
     from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 
-    kind, overrides = METHODS[name]
+    kind, overrides = {**METHODS, **SWEEP}[name]
     r = REGIMES[regime]
     batch = (mode["batch"] or {}).get(regime, r["batch_size"])
     per_device = min(mode["per_device"], batch)
@@ -172,7 +184,11 @@ def main():
     parser.add_argument("--mode", choices=list(MODES), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES),
                         help="default: both on a GPU, `overfit` on a CPU")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(SWEEP),
+                        help="default: every method of the issue's list; the sweep settings run only when named")
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep the rows of the saved results of this mode (same settings and seed) and run only "
+                             "the methods they lack; detection is re-run and checked against the saved one.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--output", default=None)
@@ -195,14 +211,23 @@ def main():
             "mode": args.mode, "mode_settings": mode, "regimes": {r: REGIMES[r] for r in args.regimes},
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
             "torch": torch.__version__, "platform": platform.platform(), "sizes": {k: len(v) for k, v in data.items()},
+            "seed": args.seed,
         },
         "regimes": {},
     }
-    base_eval = evaluate(base_model, tok, data, args.eval_batch_size) if "base" in args.methods else None
+    saved = load_saved(results, args) if args.resume else None
+    if saved is not None:
+        results["regimes"] = saved["regimes"]
+        results["detection"] = saved.get("detection", {})
+    needs_base = "base" in args.methods and any("base" not in results["regimes"].get(r, {}) for r in args.regimes)
+    base_eval = evaluate(base_model, tok, data, args.eval_batch_size) if needs_base else None
     for regime in args.regimes:
-        rows = results["regimes"][regime] = {}
-        if base_eval is not None:
+        rows = results["regimes"].setdefault(regime, {})
+        todo = [m for m in args.methods if m != "base" and m not in rows]
+        if base_eval is not None and "base" not in rows:
             rows["base"] = {"eval": base_eval, "train_time_s": 0.0, "steps": 0}
+        if not todo:
+            continue
         flagged, report = detect_known(
             base_model, tok, data["train"], calibration_dataset=data["calibration"], batch_size=args.eval_batch_size,
             style_adaptation_steps=mode["style_steps"],
@@ -211,12 +236,18 @@ def main():
                                      "padding_free": mode["max_length"] is None, "max_length": mode["max_length"]},
             progress=False, return_report=True,
         )
-        results.setdefault("detection", {})[regime] = report.to_dict()
+        previous = results.setdefault("detection", {}).get(regime)
+        if previous is not None and (abs(previous["threshold"] - report.threshold) > 1e-4
+                                     or abs(previous["known_fraction"] - report.known_fraction) > 1e-9):
+            print(f"[{regime}] WARNING: detection differs from the saved run (threshold {previous['threshold']:.4f} -> "
+                  f"{report.threshold:.4f}, known {previous['known_fraction']:.3f} -> {report.known_fraction:.3f}); "
+                  "the new rows use the new flags", flush=True)
+            results["detection"][f"{regime}_resumed"] = report.to_dict()
+        else:
+            results["detection"][regime] = report.to_dict()
         print(f"[{regime}] detection: {report.detection_accuracy:.3f} accurate, {report.known_fraction:.3f} known",
               flush=True)
-        for name in args.methods:
-            if name == "base":
-                continue
+        for name in todo:
             model = copy.deepcopy(base_model)
             model, seconds, steps = train_method(name, model, tok, data, flagged, regime, mode, args)
             rows[name] = {"eval": evaluate(model, tok, data, args.eval_batch_size), "train_time_s": seconds,
@@ -229,6 +260,28 @@ def main():
             # Written after every method, so that an interrupted run keeps what it measured
             write_results(results, args, smoke, done=False)
     write_results(results, args, smoke, done=True)
+
+
+def results_path(args) -> str:
+    return args.output or os.path.join(HERE, "results", f"reproduce_{args.mode}.json")
+
+
+def load_saved(results, args):
+    """The saved results of the same mode, settings and seed, or None when there are none."""
+    path = results_path(args)
+    if not os.path.exists(path):
+        print(f"--resume: no saved results at {path}; starting afresh", flush=True)
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    mine, theirs = results["settings"], saved.get("settings", {})
+    for key in ("mode", "mode_settings", "sizes", "seed"):
+        if json.loads(json.dumps(mine[key])) != theirs.get(key):
+            raise ValueError(f"--resume: the saved results in {path} were made with another `{key}` "
+                             f"({theirs.get(key)!r}, now {mine[key]!r}); run without --resume or pass --output.")
+    regimes = {**theirs.get("regimes", {}), **mine["regimes"]}
+    results["settings"]["regimes"] = regimes
+    return saved
 
 
 def write_results(results, args, smoke, done):
