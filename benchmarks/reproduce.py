@@ -6,6 +6,7 @@ Reproduction benchmark: every method on the same data and step budget, evaluated
     python benchmarks/reproduce.py --mode gpu              # full scale (MMLU train split) on one GPU
     python benchmarks/reproduce.py --mode smoke            # a few steps of a tiny random model: checks the pipeline
     python benchmarks/reproduce.py --mode cpu --resume --methods ls_all coecp_b2   # add rows to a saved run
+    python benchmarks/reproduce.py --mode cpu --resume --redo base                 # run a saved row again
 
 Methods: the base model, standard SFT, label smoothing on all data, CoLS, CoMbLS, CoECP (precomputed and online
 detection), CFT, RCFT, and CogCalib (CoECP) combined with RCFT. Two regimes, because they behave differently:
@@ -107,6 +108,28 @@ def load_model(smoke: bool, dtype):
     return load_default_model(dtype=dtype), load_default_tokenizer()
 
 
+def ece_uncertainty(probs, labels, n_resamples=1000, seed=0):
+    """How far a measured ECE can be trusted at this sample size.
+
+    `ece_se`: bootstrap standard error of the ECE (rows resampled with replacement). `ece_floor`: the mean ECE that a
+    perfectly calibrated model with the same confidences would show on this many rows (its correctness drawn from its
+    own probabilities) — binned ECE is biased upwards on small sets, so values near the floor are as good as the set
+    can tell.
+    """
+    from calib_trl.metrics import expected_calibration_error
+
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    labels = torch.as_tensor(labels)
+    conf, pred = probs.max(-1)
+    correct = pred == labels
+    gen = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    boot = [expected_calibration_error(conf[i], correct[i]) for i in torch.randint(n, (n_resamples, n), generator=gen)]
+    drawn = torch.multinomial(probs, 200, replacement=True, generator=gen) == pred[:, None]
+    floor = [expected_calibration_error(conf, drawn[:, d]) for d in range(drawn.shape[1])]
+    return {"ece_se": float(torch.tensor(boot).std()), "ece_floor": float(torch.tensor(floor).mean())}
+
+
 def evaluate(model, tok, data, batch_size):
     from calib_trl import calibration_report
     from calib_trl.mcq import score_multiple_choice
@@ -114,7 +137,7 @@ def evaluate(model, tok, data, batch_size):
     out = {}
     for split in ("test", "ood"):
         scores = score_multiple_choice(model, tok, data[split], batch_size=batch_size, progress=False)
-        out[split] = calibration_report(scores.probs, scores.labels)
+        out[split] = {**calibration_report(scores.probs, scores.labels), **ece_uncertainty(scores.probs, scores.labels)}
     return out
 
 
@@ -164,11 +187,13 @@ def markdown(results, mode_name):
         lines += [f"**{regime}** ({results['settings']['regimes'][regime]})", "",
                   "| method | acc | ECE | cw-ECE | Brier | ECE vs SFT | OOD acc | OOD ECE | OOD cw-ECE | OOD Brier | OOD ECE vs SFT |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, row in rows.items():
+        order = list(METHODS) + list(SWEEP)
+        for name, row in sorted(rows.items(), key=lambda item: order.index(item[0])):
             cells = []
             for split in ("test", "ood"):
                 rep = row["eval"][split]
-                cells += [f"{rep[k]:.3f}" for k in keys]
+                cells += [f"{rep[k]:.3f}" + (f" ± {rep['ece_se']:.3f}" if k == "ece" and "ece_se" in rep else "")
+                          for k in keys]
                 if sft and name not in ("sft",):
                     base = sft[split]["ece"]
                     cells.append(f"{100 * (rep['ece'] - base) / base:+.0f} %" if base > 0 else "")
@@ -189,6 +214,8 @@ def main():
     parser.add_argument("--resume", action="store_true",
                         help="Keep the rows of the saved results of this mode (same settings and seed) and run only "
                              "the methods they lack; detection is re-run and checked against the saved one.")
+    parser.add_argument("--redo", nargs="+", default=[], choices=list(METHODS) + list(SWEEP),
+                        help="With --resume: run these methods again even though the saved results have them.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--output", default=None)
@@ -215,9 +242,13 @@ def main():
         },
         "regimes": {},
     }
+    if args.redo and not args.resume:
+        parser.error("--redo needs --resume")
+    args.methods += [m for m in args.redo if m not in args.methods]
     saved = load_saved(results, args) if args.resume else None
     if saved is not None:
-        results["regimes"] = saved["regimes"]
+        results["regimes"] = {r: {m: row for m, row in rows.items() if m not in args.redo}
+                              for r, rows in saved["regimes"].items()}
         results["detection"] = saved.get("detection", {})
     needs_base = "base" in args.methods and any("base" not in results["regimes"].get(r, {}) for r in args.regimes)
     base_eval = evaluate(base_model, tok, data, args.eval_batch_size) if needs_base else None
