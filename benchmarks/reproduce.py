@@ -5,7 +5,7 @@ Reproduction benchmark: every method on the same data and step budget, evaluated
     python benchmarks/reproduce.py --mode cpu              # small budget on a CPU (about 90 minutes on 2 cores)
     python benchmarks/reproduce.py --mode gpu              # full scale (MMLU train split) on one GPU
     python benchmarks/reproduce.py --mode smoke            # a few steps of a tiny random model: checks the pipeline
-    python benchmarks/reproduce.py --mode cpu --resume --methods ls_all coecp_b2   # add rows to a saved run
+    python benchmarks/reproduce.py --mode cpu --resume --methods ls_all coecp_b1   # add rows to a saved run
     python benchmarks/reproduce.py --mode cpu --resume --redo base                 # run a saved row again
 
 Methods: the base model, standard SFT, label smoothing on all data, CoLS, CoMbLS, CoECP (precomputed and online
@@ -57,28 +57,31 @@ MODES = {
 }
 
 # name -> (trainer, config overrides)
-# (in the order they run: the default CogCalib setting and the RCFT pair first, so that a cut-short run has them)
+# (in the order they run: the default CogCalib setting and the RCFT pair first, so that a cut-short run has them).
+# The CogCalib rows name their β so that a saved row keeps its meaning when a default changes.
 METHODS = {
     "base": (None, {}),
     "sft": ("calib", dict(calibration_loss="none")),
-    "coecp": ("calib", dict(calibration_loss="ecp")),
+    "coecp": ("calib", dict(calibration_loss="ecp", ecp_beta=2.0)),
     "cft": ("rcft", dict(ece_weight=0.0)),
     "rcft": ("rcft", dict(ece_weight=0.5)),
-    "coecp_rcft": ("rcft", dict(ece_weight=0.5, calibration_loss="ecp")),
-    "cols": ("calib", dict(calibration_loss="ls")),
-    "combls": ("calib", dict(calibration_loss="mbls")),
-    "ls_all": ("calib", dict(calibration_loss="ls", apply_to="all")),
-    "coecp_online": ("calib", dict(calibration_loss="ecp", detection="online")),
+    "coecp_rcft": ("rcft", dict(ece_weight=0.5, calibration_loss="ecp", ecp_beta=2.0)),
+    "cols": ("calib", dict(calibration_loss="ls", ls_epsilon=0.5)),
+    "combls": ("calib", dict(calibration_loss="mbls", mbls_margin=10.0, mbls_lambda=0.1)),
+    "ls_all": ("calib", dict(calibration_loss="ls", ls_epsilon=0.5, apply_to="all")),
+    "coecp_online": ("calib", dict(calibration_loss="ecp", ecp_beta=2.0, detection="online")),
 }
 
 # Settings swept around the defaults (not run unless named in --methods): the entropy weight, CoECP on every token
-# (is the known/unknown split what helps?) and the gentler label smoothing of the paper
+# (is the known/unknown split what helps?), the gentler label smoothing of the paper and a stronger RCFT
 SWEEP = {
     "coecp_b0.5": ("calib", dict(calibration_loss="ecp", ecp_beta=0.5)),
-    "coecp_b2": ("calib", dict(calibration_loss="ecp", ecp_beta=2.0)),
-    "ecp_all": ("calib", dict(calibration_loss="ecp", apply_to="all")),
+    "coecp_b1": ("calib", dict(calibration_loss="ecp", ecp_beta=1.0)),
+    "coecp_rcft_b1": ("rcft", dict(ece_weight=0.5, calibration_loss="ecp", ecp_beta=1.0)),
+    "coecp_online_b1": ("calib", dict(calibration_loss="ecp", ecp_beta=1.0, detection="online")),
+    "ecp_all": ("calib", dict(calibration_loss="ecp", ecp_beta=2.0, apply_to="all")),
+    "ecp_all_b1": ("calib", dict(calibration_loss="ecp", ecp_beta=1.0, apply_to="all")),
     "cols_e0.1": ("calib", dict(calibration_loss="ls", ls_epsilon=0.1)),
-    "coecp_b2_rcft": ("rcft", dict(ece_weight=0.5, calibration_loss="ecp", ecp_beta=2.0)),
     "rcft_a1": ("rcft", dict(ece_weight=1.0)),
 }
 
