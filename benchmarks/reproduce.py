@@ -32,7 +32,7 @@ import tempfile
 import time
 
 import torch
-from common import save_json, write_readme_section
+from common import RESULTS, save_json, write_readme_section
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,6 +84,8 @@ SWEEP = {
     "cols_e0.1": ("calib", dict(calibration_loss="ls", ls_epsilon=0.1)),
     "rcft_a1": ("rcft", dict(ece_weight=1.0)),
 }
+
+ALL_METHODS = {**METHODS, **SWEEP}  # the table's row order
 
 
 def load_data(mode: dict, smoke: bool):
@@ -147,7 +149,7 @@ def evaluate(model, tok, data, batch_size):
 def train_method(name, model, tok, data, flagged, regime, mode, args):
     from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 
-    kind, overrides = {**METHODS, **SWEEP}[name]
+    kind, overrides = ALL_METHODS[name]
     r = REGIMES[regime]
     batch = (mode["batch"] or {}).get(regime, r["batch_size"])
     per_device = min(mode["per_device"], batch)
@@ -190,7 +192,7 @@ def markdown(results, mode_name):
         lines += [f"**{regime}** ({results['settings']['regimes'][regime]})", "",
                   "| method | acc | ECE | cw-ECE | Brier | ECE vs SFT | OOD acc | OOD ECE | OOD cw-ECE | OOD Brier | OOD ECE vs SFT |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        order = list(METHODS) + list(SWEEP)
+        order = list(ALL_METHODS)
         for name, row in sorted(rows.items(), key=lambda item: order.index(item[0])):
             cells = []
             for split in ("test", "ood"):
@@ -212,12 +214,12 @@ def main():
     parser.add_argument("--mode", choices=list(MODES), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES),
                         help="default: both on a GPU, `overfit` on a CPU")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(SWEEP),
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS),
                         help="default: every method of the issue's list; the sweep settings run only when named")
     parser.add_argument("--resume", action="store_true",
                         help="Keep the rows of the saved results of this mode (same settings and seed) and run only "
                              "the methods they lack; detection is re-run and checked against the saved one.")
-    parser.add_argument("--redo", nargs="+", default=[], choices=list(METHODS) + list(SWEEP),
+    parser.add_argument("--redo", nargs="+", default=[], choices=list(ALL_METHODS),
                         help="With --resume: run these methods again even though the saved results have them.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batch-size", type=int, default=32)
@@ -297,7 +299,8 @@ def main():
 
 
 def results_path(args) -> str:
-    return args.output or os.path.join(HERE, "results", f"reproduce_{args.mode}.json")
+    """Where `write_results` saves (`save_json`'s path unless --output), which is where --resume reads."""
+    return args.output or os.path.join(RESULTS, f"reproduce_{args.mode}.json")
 
 
 def load_saved(results, args):
