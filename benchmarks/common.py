@@ -6,7 +6,6 @@ import json
 import os
 import re
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 

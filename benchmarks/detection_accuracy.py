@@ -43,18 +43,32 @@ def main():
     rows = []
     for steps in args.steps:
         start = time.perf_counter()
-        style = {"learning_rate": args.lr, "batch_size": args.batch, "per_device_batch_size": min(args.batch, 16),
-                 "bf16": dtype == torch.bfloat16}
+        style = {
+            "learning_rate": args.lr,
+            "batch_size": args.batch,
+            "per_device_batch_size": min(args.batch, 16),
+            "bf16": dtype == torch.bfloat16,
+        }
         if args.device == "cpu":
             style.update(padding_free=True, max_length=None)
         _, report = detect_known(
-            model, tok, train, calibration_dataset=calibration, batch_size=32, style_adaptation_steps=steps,
-            style_adaptation_kwargs=style, progress=False, return_report=True,
+            model,
+            tok,
+            train,
+            calibration_dataset=calibration,
+            batch_size=32,
+            style_adaptation_steps=steps,
+            style_adaptation_kwargs=style,
+            progress=False,
+            return_report=True,
         )
         rows.append({"steps": steps, "seconds": time.perf_counter() - start, **report.to_dict()})
         r = rows[-1]
-        print(f"  {steps:>4} steps: detection accuracy {r['detection_accuracy']:.3f}, J {r['youden_j']:.3f}, "
-              f"model accuracy {r['calibration_accuracy']:.3f}, known {r['known_fraction']:.3f}", flush=True)
+        print(
+            f"  {steps:>4} steps: detection accuracy {r['detection_accuracy']:.3f}, J {r['youden_j']:.3f}, "
+            f"model accuracy {r['calibration_accuracy']:.3f}, known {r['known_fraction']:.3f}",
+            flush=True,
+        )
 
     n_fit = rows[-1]["n_calibration"]
     lines = [
@@ -66,8 +80,10 @@ def main():
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['steps']} | {r['threshold']:.3f} | {r['youden_j']:.3f} | {r['detection_accuracy']:.3f} | "
-                     f"{r['calibration_accuracy']:.3f} | {r['known_fraction']:.3f} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['steps']} | {r['threshold']:.3f} | {r['youden_j']:.3f} | {r['detection_accuracy']:.3f} | "
+            f"{r['calibration_accuracy']:.3f} | {r['known_fraction']:.3f} | {r['seconds']:.0f} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     path = save_json(f"detection_accuracy_{args.device}", {"settings": vars(args), "rows": rows, "table": table})

@@ -63,7 +63,7 @@ def main():
             width = max(len(b) for b in batch)
             ids = torch.tensor([b + [tok.pad_token_id] * (width - len(b)) for b in batch], device=args.device)
             mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch], device=args.device)
-            model(input_ids=ids, attention_mask=mask).logits
+            _ = model(input_ids=ids, attention_mask=mask).logits
 
     def detect():
         score_answer_nll(model, tok, data, batch_size=args.batch_size, progress=False, shard=False)
@@ -93,11 +93,19 @@ def main():
         lines.append(f"| {name} | {t:.1f} | {len(data) / t:.1f} | {n_tokens / t:.0f} | {timings['bare'] / t:.3f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    path = save_json(f"detection_throughput_{args.device}", {
-        "rows": len(data), "prompt_tokens": n_tokens, "device": args.device, "dtype": str(dtype),
-        "batch_size": args.batch_size, "seconds": timings, "detect_vs_bare": timings["bare"] / timings["detect"],
-        "table": table,
-    })
+    path = save_json(
+        f"detection_throughput_{args.device}",
+        {
+            "rows": len(data),
+            "prompt_tokens": n_tokens,
+            "device": args.device,
+            "dtype": str(dtype),
+            "batch_size": args.batch_size,
+            "seconds": timings,
+            "detect_vs_bare": timings["bare"] / timings["detect"],
+            "table": table,
+        },
+    )
     write_readme_section("detection_throughput", args.device, table)
     print(f"\nWrote {path} and the table in benchmarks/README.md")
 

@@ -39,23 +39,36 @@ import time
 import torch
 from common import save_json, write_readme_section
 
-
 VARIANTS = ["sft", "none", "ls", "mbls", "ecp", "ls_all", "mbls_all", "ecp_all", "trl_label_smoothing", "full_logits"]
 
 SHAPES = {
     # SmolLM2-135M
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
     # Llama-3.2-1B
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 def build(args):
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     if args.weights == "default":
         return build_default(args)
@@ -64,8 +77,9 @@ def build(args):
     dtype = getattr(torch, args.dtype)
     model = LlamaForCausalLM(config).to(dtype)
     vocab = {f"t{i}": i for i in range(config.vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0",
-                                  eos_token="t1")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0", eos_token="t1"
+    )
     g = torch.Generator().manual_seed(1)
     n = args.batch * (args.steps + args.warmup)
     ids = torch.randint(2, config.vocab_size, (n, args.seq), generator=g).tolist()
@@ -99,18 +113,29 @@ def make_trainer(variant, model, tok, data, args, output_dir):
     from calib_trl import CalibSFTConfig, CalibSFTTrainer
 
     common = dict(
-        output_dir=output_dir, per_device_train_batch_size=args.batch, max_steps=args.steps + args.warmup,
-        report_to=[], save_strategy="no", logging_steps=1000, disable_tqdm=True, gradient_checkpointing=args.gc,
-        bf16=args.dtype == "bfloat16", shuffle_dataset=False, max_length=None, dataloader_num_workers=0,
-        learning_rate=1e-5, use_cpu=args.device == "cpu",
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps + args.warmup,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        gradient_checkpointing=args.gc,
+        bf16=args.dtype == "bfloat16",
+        shuffle_dataset=False,
+        max_length=None,
+        dataloader_num_workers=0,
+        learning_rate=1e-5,
+        use_cpu=args.device == "cpu",
     )
     if variant in ("sft", "trl_label_smoothing", "full_logits"):
         cls = _full_logits_trainer() if variant == "full_logits" else SFTTrainer
         cfg = SFTConfig(**common, label_smoothing_factor=0.1 if variant == "trl_label_smoothing" else 0.0)
         return cls(model=model, args=cfg, train_dataset=data.remove_columns("known"), processing_class=tok)
     method, _, scope = variant.partition("_")
-    cfg = CalibSFTConfig(**common, calibration_loss=method, apply_to="all" if scope == "all" else "known",
-                         ls_epsilon=0.1, ecp_beta=0.1)
+    cfg = CalibSFTConfig(
+        **common, calibration_loss=method, apply_to="all" if scope == "all" else "known", ls_epsilon=0.1, ecp_beta=0.1
+    )
     return CalibSFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
 
 
@@ -184,10 +209,14 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
-    parser.add_argument("--weights", default="random", choices=["random", "default"],
-                        help="`random`: a randomly initialised model of `--shape` on random tokens; `default`: the "
-                             "embedded SmolLM2-135M-Instruct on MMLU text (trained logits, where MbLS's near sets are "
-                             "realistic)")
+    parser.add_argument(
+        "--weights",
+        default="random",
+        choices=["random", "default"],
+        help="`random`: a randomly initialised model of `--shape` on random tokens; `default`: the "
+        "embedded SmolLM2-135M-Instruct on MMLU text (trained logits, where MbLS's near sets are "
+        "realistic)",
+    )
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,9 +232,11 @@ def main():
         args.variants = ["sft", *args.variants]
     results = []
     for variant in args.variants:
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={getattr(args, k)}" for k in ("device", "shape", "dtype", "batch", "seq", "warmup", "weights")
-        ] + (["--gc"] if args.gc else [])
+        cmd = (
+            [sys.executable, __file__, "--variant", variant]
+            + [f"--{k}={getattr(args, k)}" for k in ("device", "shape", "dtype", "batch", "seq", "warmup", "weights")]
+            + (["--gc"] if args.gc else [])
+        )
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -238,9 +269,15 @@ def main():
         )
     table = "\n".join(lines)
     print("\n" + table)
-    payload = {"settings": {k: getattr(args, k) for k in ("device", "shape", "dtype", "batch", "seq", "steps", "warmup",
-                                                           "gc", "weights")},
-               "torch": torch.__version__, "results": results, "table": table}
+    payload = {
+        "settings": {
+            k: getattr(args, k)
+            for k in ("device", "shape", "dtype", "batch", "seq", "steps", "warmup", "gc", "weights")
+        },
+        "torch": torch.__version__,
+        "results": results,
+        "table": table,
+    }
     key = args.device if args.weights == "random" else f"{args.device}_default_weights"
     path = save_json(f"overhead_{key}", payload)
     write_readme_section("overhead", key, table)

@@ -33,7 +33,12 @@ def main():
     args = parser.parse_args()
 
     from calib_trl import RCFTConfig, RCFTTrainer
-    from calib_trl.defaults import DEFAULT_SPLIT_SIZES, load_default_dataset, load_default_model, load_default_tokenizer
+    from calib_trl.defaults import (
+        DEFAULT_SPLIT_SIZES,
+        load_default_dataset,
+        load_default_model,
+        load_default_tokenizer,
+    )
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tok = load_default_tokenizer()
@@ -41,9 +46,20 @@ def main():
     trainers = {}
     for name, weight in (("cft", 0.0), ("rcft", 0.5)):
         cfg = RCFTConfig(
-            tempfile.mkdtemp(), ece_weight=weight, per_device_train_batch_size=args.batch, max_steps=10_000,
-            report_to=[], save_strategy="no", disable_tqdm=True, gradient_checkpointing=False, bf16=dtype == torch.bfloat16,
-            padding_free=True, max_length=None, estep_samples=args.estep_samples, bin_refresh="once", logging_steps=10_000,
+            tempfile.mkdtemp(),
+            ece_weight=weight,
+            per_device_train_batch_size=args.batch,
+            max_steps=10_000,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            gradient_checkpointing=False,
+            bf16=dtype == torch.bfloat16,
+            padding_free=True,
+            max_length=None,
+            estep_samples=args.estep_samples,
+            bin_refresh="once",
+            logging_steps=10_000,
         )
         model = load_default_model(dtype=dtype).to(args.device)
         trainer = RCFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
@@ -85,23 +101,35 @@ def main():
     cft, rcft = statistics.median(times["cft"]), statistics.median(times["rcft"])
     rows_per_s = args.batch / cft
     epoch_seconds = DEFAULT_SPLIT_SIZES["train"] / rows_per_s
-    table = "\n".join([
-        f"{args.device}, {dtype}, SmolLM2-135M-Instruct, {args.batch} MMLU rows per step (padding-free), median of "
-        f"{args.rounds} alternating steps",
-        "",
-        "| | seconds | x CFT |",
-        "|---|---|---|",
-        f"| CFT step | {cft:.3f} | 1.000 |",
-        f"| RCFT step | {rcft:.3f} | {rcft / cft:.3f} |",
-        f"| E-step ({args.estep_samples} rows) | {estep_seconds:.1f} | {estep_seconds / cft:.1f} steps, "
-        f"{100 * estep_seconds / epoch_seconds:.1f} % of an epoch on the {DEFAULT_SPLIT_SIZES['train']}-row train split |",
-    ])
+    table = "\n".join(
+        [
+            f"{args.device}, {dtype}, SmolLM2-135M-Instruct, {args.batch} MMLU rows per step (padding-free), median of "
+            f"{args.rounds} alternating steps",
+            "",
+            "| | seconds | x CFT |",
+            "|---|---|---|",
+            f"| CFT step | {cft:.3f} | 1.000 |",
+            f"| RCFT step | {rcft:.3f} | {rcft / cft:.3f} |",
+            f"| E-step ({args.estep_samples} rows) | {estep_seconds:.1f} | {estep_seconds / cft:.1f} steps, "
+            f"{100 * estep_seconds / epoch_seconds:.1f} % of an epoch on the {DEFAULT_SPLIT_SIZES['train']}-row train split |",
+        ]
+    )
     print("\n" + table)
-    path = save_json(f"rcft_overhead_{args.device}", {
-        "device": args.device, "dtype": str(dtype), "batch": args.batch, "rounds": args.rounds,
-        "cft_step_s": times["cft"], "rcft_step_s": times["rcft"], "ratio": rcft / cft,
-        "estep_samples": args.estep_samples, "estep_s": estep_seconds, "table": table,
-    })
+    path = save_json(
+        f"rcft_overhead_{args.device}",
+        {
+            "device": args.device,
+            "dtype": str(dtype),
+            "batch": args.batch,
+            "rounds": args.rounds,
+            "cft_step_s": times["cft"],
+            "rcft_step_s": times["rcft"],
+            "ratio": rcft / cft,
+            "estep_samples": args.estep_samples,
+            "estep_s": estep_seconds,
+            "table": table,
+        },
+    )
     write_readme_section("rcft_overhead", args.device, table)
     print(f"\nWrote {path} and the table in benchmarks/README.md")
 

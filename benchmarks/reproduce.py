@@ -34,7 +34,6 @@ import time
 import torch
 from common import RESULTS, save_json, write_readme_section
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 REGIMES = {
@@ -45,15 +44,45 @@ REGIMES = {
 MODES = {
     # rows of each split (None: all), epochs x epoch_scale, the optimizer batch of each regime (None: the regime's),
     # per-device batch, style-adaptation steps and batch, E-step rows, max_length
-    "gpu": dict(train=None, eval=None, calibration=None, epoch_scale=1.0, batch=None, per_device=32, style_steps=60,
-                style_batch=64, estep_samples=1000, max_length=1024),
+    "gpu": dict(
+        train=None,
+        eval=None,
+        calibration=None,
+        epoch_scale=1.0,
+        batch=None,
+        per_device=32,
+        style_steps=60,
+        style_batch=64,
+        estep_samples=1000,
+        max_length=1024,
+    ),
     # 2 CPU cores (about 2.3 s per training row and epoch for SmolLM2 in float32): 32 training rows with the regimes'
     # epochs and learning rates, and small batches so that each regime still takes a couple of dozen optimizer steps;
     # about 9 minutes per trained method
-    "cpu": dict(train=32, eval=120, calibration=200, epoch_scale=1.0, batch={"short": 4, "overfit": 8}, per_device=8,
-                style_steps=8, style_batch=16, estep_samples=32, max_length=None),
-    "smoke": dict(train=16, eval=12, calibration=12, epoch_scale=0.2, batch=None, per_device=4, style_steps=1,
-                  style_batch=4, estep_samples=16, max_length=256),
+    "cpu": dict(
+        train=32,
+        eval=120,
+        calibration=200,
+        epoch_scale=1.0,
+        batch={"short": 4, "overfit": 8},
+        per_device=8,
+        style_steps=8,
+        style_batch=16,
+        estep_samples=32,
+        max_length=None,
+    ),
+    "smoke": dict(
+        train=16,
+        eval=12,
+        calibration=12,
+        epoch_scale=0.2,
+        batch=None,
+        per_device=4,
+        style_steps=1,
+        style_batch=4,
+        estep_samples=16,
+        max_length=256,
+    ),
 }
 
 # name -> (trainer, config overrides)
@@ -93,8 +122,12 @@ def load_data(mode: dict, smoke: bool):
         sys.path.insert(0, os.path.join(HERE, "..", "tests"))
         from helpers import make_mcq_dataset
 
-        return {"train": make_mcq_dataset(mode["train"], seed=1), "calibration": make_mcq_dataset(mode["calibration"], seed=2),
-                "test": make_mcq_dataset(mode["eval"], seed=3), "ood": make_mcq_dataset(mode["eval"], seed=4)}
+        return {
+            "train": make_mcq_dataset(mode["train"], seed=1),
+            "calibration": make_mcq_dataset(mode["calibration"], seed=2),
+            "test": make_mcq_dataset(mode["eval"], seed=3),
+            "ood": make_mcq_dataset(mode["eval"], seed=4),
+        }
     from calib_trl.defaults import load_default_dataset
 
     data = load_default_dataset()
@@ -142,7 +175,10 @@ def evaluate(model, tok, data, batch_size):
     out = {}
     for split in ("test", "ood"):
         scores = score_multiple_choice(model, tok, data[split], batch_size=batch_size, progress=False)
-        out[split] = {**calibration_report(scores.probs, scores.labels), **ece_uncertainty(scores.probs, scores.labels)}
+        out[split] = {
+            **calibration_report(scores.probs, scores.labels),
+            **ece_uncertainty(scores.probs, scores.labels),
+        }
     return out
 
 
@@ -177,8 +213,13 @@ def train_method(name, model, tok, data, flagged, regime, mode, args):
         trainer = RCFTTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok)
     else:
         cfg = CalibSFTConfig(**common, **overrides)
-        trainer = CalibSFTTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok,
-                                  calibration_dataset=data["calibration"] if online else None)
+        trainer = CalibSFTTrainer(
+            model=model,
+            args=cfg,
+            train_dataset=train,
+            processing_class=tok,
+            calibration_dataset=data["calibration"] if online else None,
+        )
     start = time.time()
     trainer.train()
     return trainer.model, time.time() - start, trainer.state.global_step
@@ -189,16 +230,21 @@ def markdown(results, mode_name):
     lines = []
     for regime, rows in results["regimes"].items():
         sft = rows.get("sft", {}).get("eval")
-        lines += [f"**{regime}** ({results['settings']['regimes'][regime]})", "",
-                  "| method | acc | ECE | cw-ECE | Brier | ECE vs SFT | OOD acc | OOD ECE | OOD cw-ECE | OOD Brier | OOD ECE vs SFT |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{regime}** ({results['settings']['regimes'][regime]})",
+            "",
+            "| method | acc | ECE | cw-ECE | Brier | ECE vs SFT | OOD acc | OOD ECE | OOD cw-ECE | OOD Brier | OOD ECE vs SFT |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         order = list(ALL_METHODS)
         for name, row in sorted(rows.items(), key=lambda item: order.index(item[0])):
             cells = []
             for split in ("test", "ood"):
                 rep = row["eval"][split]
-                cells += [f"{rep[k]:.3f}" + (f" ± {rep['ece_se']:.3f}" if k == "ece" and "ece_se" in rep else "")
-                          for k in keys]
+                cells += [
+                    f"{rep[k]:.3f}" + (f" ± {rep['ece_se']:.3f}" if k == "ece" and "ece_se" in rep else "")
+                    for k in keys
+                ]
                 if sft and name not in ("sft",):
                     base = sft[split]["ece"]
                     cells.append(f"{100 * (rep['ece'] - base) / base:+.0f} %" if base > 0 else "")
@@ -212,15 +258,29 @@ def markdown(results, mode_name):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=list(MODES), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES),
-                        help="default: both on a GPU, `overfit` on a CPU")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS),
-                        help="default: every method of the issue's list; the sweep settings run only when named")
-    parser.add_argument("--resume", action="store_true",
-                        help="Keep the rows of the saved results of this mode (same settings and seed) and run only "
-                             "the methods they lack; detection is re-run and checked against the saved one.")
-    parser.add_argument("--redo", nargs="+", default=[], choices=list(ALL_METHODS),
-                        help="With --resume: run these methods again even though the saved results have them.")
+    parser.add_argument(
+        "--regimes", nargs="+", default=None, choices=list(REGIMES), help="default: both on a GPU, `overfit` on a CPU"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(ALL_METHODS),
+        help="default: every method of the issue's list; the sweep settings run only when named",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Keep the rows of the saved results of this mode (same settings and seed) and run only "
+        "the methods they lack; detection is re-run and checked against the saved one.",
+    )
+    parser.add_argument(
+        "--redo",
+        nargs="+",
+        default=[],
+        choices=list(ALL_METHODS),
+        help="With --resume: run these methods again even though the saved results have them.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--output", default=None)
@@ -240,9 +300,13 @@ def main():
     base_model.to(device)
     results = {
         "settings": {
-            "mode": args.mode, "mode_settings": mode, "regimes": {r: REGIMES[r] for r in args.regimes},
+            "mode": args.mode,
+            "mode_settings": mode,
+            "regimes": {r: REGIMES[r] for r in args.regimes},
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "platform": platform.platform(), "sizes": {k: len(v) for k, v in data.items()},
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "sizes": {k: len(v) for k, v in data.items()},
             "seed": args.seed,
         },
         "regimes": {},
@@ -252,8 +316,9 @@ def main():
     args.methods += [m for m in args.redo if m not in args.methods]
     saved = load_saved(results, args) if args.resume else None
     if saved is not None:
-        results["regimes"] = {r: {m: row for m, row in rows.items() if m not in args.redo}
-                              for r, rows in saved["regimes"].items()}
+        results["regimes"] = {
+            r: {m: row for m, row in rows.items() if m not in args.redo} for r, rows in saved["regimes"].items()
+        }
         results["detection"] = saved.get("detection", {})
     needs_base = "base" in args.methods and any("base" not in results["regimes"].get(r, {}) for r in args.regimes)
     base_eval = evaluate(base_model, tok, data, args.eval_batch_size) if needs_base else None
@@ -265,32 +330,54 @@ def main():
         if not todo:
             continue
         flagged, report = detect_known(
-            base_model, tok, data["train"], calibration_dataset=data["calibration"], batch_size=args.eval_batch_size,
+            base_model,
+            tok,
+            data["train"],
+            calibration_dataset=data["calibration"],
+            batch_size=args.eval_batch_size,
             style_adaptation_steps=mode["style_steps"],
-            style_adaptation_kwargs={"learning_rate": REGIMES[regime]["learning_rate"], "batch_size": mode["style_batch"],
-                                     "per_device_batch_size": min(mode["per_device"], mode["style_batch"]),
-                                     "padding_free": mode["max_length"] is None, "max_length": mode["max_length"]},
-            progress=False, return_report=True,
+            style_adaptation_kwargs={
+                "learning_rate": REGIMES[regime]["learning_rate"],
+                "batch_size": mode["style_batch"],
+                "per_device_batch_size": min(mode["per_device"], mode["style_batch"]),
+                "padding_free": mode["max_length"] is None,
+                "max_length": mode["max_length"],
+            },
+            progress=False,
+            return_report=True,
         )
         previous = results.setdefault("detection", {}).get(regime)
-        if previous is not None and (abs(previous["threshold"] - report.threshold) > 1e-4
-                                     or abs(previous["known_fraction"] - report.known_fraction) > 1e-9):
-            print(f"[{regime}] WARNING: detection differs from the saved run (threshold {previous['threshold']:.4f} -> "
-                  f"{report.threshold:.4f}, known {previous['known_fraction']:.3f} -> {report.known_fraction:.3f}); "
-                  "the new rows use the new flags", flush=True)
+        if previous is not None and (
+            abs(previous["threshold"] - report.threshold) > 1e-4
+            or abs(previous["known_fraction"] - report.known_fraction) > 1e-9
+        ):
+            print(
+                f"[{regime}] WARNING: detection differs from the saved run (threshold {previous['threshold']:.4f} -> "
+                f"{report.threshold:.4f}, known {previous['known_fraction']:.3f} -> {report.known_fraction:.3f}); "
+                "the new rows use the new flags",
+                flush=True,
+            )
             results["detection"][f"{regime}_resumed"] = report.to_dict()
         else:
             results["detection"][regime] = report.to_dict()
-        print(f"[{regime}] detection: {report.detection_accuracy:.3f} accurate, {report.known_fraction:.3f} known",
-              flush=True)
+        print(
+            f"[{regime}] detection: {report.detection_accuracy:.3f} accurate, {report.known_fraction:.3f} known",
+            flush=True,
+        )
         for name in todo:
             model = copy.deepcopy(base_model)
             model, seconds, steps = train_method(name, model, tok, data, flagged, regime, mode, args)
-            rows[name] = {"eval": evaluate(model, tok, data, args.eval_batch_size), "train_time_s": seconds,
-                          "steps": steps}
+            rows[name] = {
+                "eval": evaluate(model, tok, data, args.eval_batch_size),
+                "train_time_s": seconds,
+                "steps": steps,
+            }
             r = rows[name]["eval"]
-            print(f"[{regime}] {name:<13} acc {r['test']['accuracy']:.3f} ECE {r['test']['ece']:.3f} | OOD acc "
-                  f"{r['ood']['accuracy']:.3f} ECE {r['ood']['ece']:.3f}  ({steps} steps, {seconds:.0f} s)", flush=True)
+            print(
+                f"[{regime}] {name:<13} acc {r['test']['accuracy']:.3f} ECE {r['test']['ece']:.3f} | OOD acc "
+                f"{r['ood']['accuracy']:.3f} ECE {r['ood']['ece']:.3f}  ({steps} steps, {seconds:.0f} s)",
+                flush=True,
+            )
             del model
             gc.collect()
             # Written after every method, so that an interrupted run keeps what it measured
@@ -314,8 +401,10 @@ def load_saved(results, args):
     mine, theirs = results["settings"], saved.get("settings", {})
     for key in ("mode", "mode_settings", "sizes", "seed"):
         if json.loads(json.dumps(mine[key])) != theirs.get(key):
-            raise ValueError(f"--resume: the saved results in {path} were made with another `{key}` "
-                             f"({theirs.get(key)!r}, now {mine[key]!r}); run without --resume or pass --output.")
+            raise ValueError(
+                f"--resume: the saved results in {path} were made with another `{key}` "
+                f"({theirs.get(key)!r}, now {mine[key]!r}); run without --resume or pass --output."
+            )
     regimes = {**theirs.get("regimes", {}), **mine["regimes"]}
     results["settings"]["regimes"] = regimes
     return saved
@@ -335,8 +424,10 @@ def write_results(results, args, smoke, done):
         print(f"Wrote {path}")
     if not args.no_readme and not smoke:
         s = results["settings"]
-        header = (f"Mode `{args.mode}` on {s['device']}: {s['sizes']['train']} training rows, {s['sizes']['test']} test "
-                  f"and {s['sizes']['ood']} out-of-domain rows (`python benchmarks/reproduce.py --mode {args.mode}`).")
+        header = (
+            f"Mode `{args.mode}` on {s['device']}: {s['sizes']['train']} training rows, {s['sizes']['test']} test "
+            f"and {s['sizes']['ood']} out-of-domain rows (`python benchmarks/reproduce.py --mode {args.mode}`)."
+        )
         write_readme_section("reproduce", args.mode, header + "\n\n" + table)
 
 

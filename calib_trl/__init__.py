@@ -4,15 +4,14 @@ __version__ = "0.1.0.dev0"
 
 from .calib_sft_config import CalibSFTConfig
 from .calib_sft_trainer import CalibSFTTrainer
+from .callbacks import CalibrationCallback
 from .collator import DataCollatorWithKnowledgeFlags
 from .knowledge import DetectionReport, OnlineKnowledgeDetector, detect_known, style_adapt, youden_threshold
 from .losses import rcft_target
 from .mcq import make_mcq_example, score_multiple_choice
+from .metrics import calibration_report
 from .rcft_config import RCFTConfig
 from .rcft_trainer import RCFTTrainer
-from .callbacks import CalibrationCallback
-from .metrics import calibration_report
-
 
 __all__ = [
     "CalibrationCallback",

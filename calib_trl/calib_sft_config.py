@@ -113,7 +113,10 @@ class CalibSFTConfig(SFTConfig):
     )
     nonfinite_loss: str = field(
         default="raise",
-        metadata={"help": "On a NaN/inf loss: `raise`, or `skip` the step and count it.", "choices": ["raise", "skip"]},
+        metadata={
+            "help": "On a NaN/inf loss: `raise`, or `skip` the step and count it.",
+            "choices": ["raise", "skip"],
+        },
     )
 
     def __post_init__(self):

@@ -143,8 +143,10 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         """Refuse the set-ups where per-token flags or per-example grouping would be silently wrong."""
         args = self.args
         config = self.accelerator.parallelism_config
-        if (self._flag_columns or online) and config is not None and (
-            getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False)
+        if (
+            (self._flag_columns or online)
+            and config is not None
+            and (getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False))
         ):
             raise NotImplementedError(
                 "Context and sequence parallelism shard each sequence across processes, and calib-trl's per-token "
@@ -168,7 +170,8 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 "%s reads the LM head outside the model's forward. Under DeepSpeed ZeRO-3 the head is gathered for it "
                 "(TRL's `maybe_gather_lm_head_ctx`), but this path has not been verified on ZeRO-3; check the first "
                 "steps against a ZeRO-2 run. CogCalib's `calibration_loss='ecp'` runs entirely inside TRL's fused "
-                "head.", type(self).__name__ if not args.calibrates else f"calibration_loss={args.calibration_loss!r}",
+                "head.",
+                type(self).__name__ if not args.calibrates else f"calibration_loss={args.calibration_loss!r}",
             )
 
     def _columns_to_carry(self, args) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -283,9 +286,18 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
     def _card_settings(self) -> dict:
         a = self.args
-        settings = {"calibration_loss": a.calibration_loss, "apply_to": a.apply_to, "calibration_weight": a.calibration_weight}
-        settings.update({"ls": {"ls_epsilon": a.ls_epsilon}, "mbls": {"mbls_margin": a.mbls_margin, "mbls_lambda": a.mbls_lambda},
-                         "ecp": {"ecp_beta": a.ecp_beta}}.get(a.calibration_loss, {}))
+        settings = {
+            "calibration_loss": a.calibration_loss,
+            "apply_to": a.apply_to,
+            "calibration_weight": a.calibration_weight,
+        }
+        settings.update(
+            {
+                "ls": {"ls_epsilon": a.ls_epsilon},
+                "mbls": {"mbls_margin": a.mbls_margin, "mbls_lambda": a.mbls_lambda},
+                "ecp": {"ecp_beta": a.ecp_beta},
+            }.get(a.calibration_loss, {})
+        )
         if a.apply_to == "known":
             settings["detection"] = a.detection
         return settings

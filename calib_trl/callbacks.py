@@ -9,7 +9,6 @@ from transformers import TrainerCallback
 from .mcq import score_multiple_choice, validate_mcq_dataset
 from .metrics import calibration_report, reliability_diagram_data
 
-
 REPORTED = ("accuracy", "mean_confidence", "ece", "cw_ece", "brier", "nll")
 
 
@@ -72,8 +71,14 @@ class CalibrationCallback(TrainerCallback):
         model = model if model is not None else trainer.model
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         scores = score_multiple_choice(
-            model, tokenizer, self.dataset, batch_size=self.batch_size, desc=f"Calibration ({self.name})",
-            progress=not trainer.args.disable_tqdm, shard=True, chat_template=getattr(trainer, "chat_template", None),
+            model,
+            tokenizer,
+            self.dataset,
+            batch_size=self.batch_size,
+            desc=f"Calibration ({self.name})",
+            progress=not trainer.args.disable_tqdm,
+            shard=True,
+            chat_template=getattr(trainer, "chat_template", None),
         )
         report = calibration_report(scores.probs, scores.labels, n_bins=self.n_bins)
         step = trainer.state.global_step
@@ -85,9 +90,7 @@ class CalibrationCallback(TrainerCallback):
             os.makedirs(self.output_dir, exist_ok=True)
             data = reliability_diagram_data(scores.confidences, scores.correct, n_bins=self.n_bins)
             diagram = os.path.join(self.output_dir, f"reliability_{self.name}_{self.split}_step{step}.png")
-            plot_reliability_diagram(
-                data=data, title=f"{self.name} ({self.split}), step {step}", path=diagram
-            )
+            plot_reliability_diagram(data=data, title=f"{self.name} ({self.split}), step {step}", path=diagram)
         logs = {f"calibration/{self.name}/{k}": report[k] for k in REPORTED if report.get(k) is not None}
         self._log(logs)
         if hasattr(trainer, "record_calibration"):

@@ -14,7 +14,6 @@ import json
 import os
 import sys
 
-
 from .utils import json_safe
 
 
@@ -80,8 +79,10 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | None = N
     return model.to(device), tokenizer
 
 
-def format_table(rows: dict[str, dict], keys=("accuracy", "mean_confidence", "ece", "ece_equal_mass", "cw_ece", "mce",
-                                             "brier", "nll", "auroc")) -> str:
+def format_table(
+    rows: dict[str, dict],
+    keys=("accuracy", "mean_confidence", "ece", "ece_equal_mass", "cw_ece", "mce", "brier", "nll", "auroc"),
+) -> str:
     """A markdown table: one row per named report."""
     header = "| | " + " | ".join(keys) + " |"
     lines = [header, "|---" * (len(keys) + 1) + "|"]
@@ -133,9 +134,15 @@ def cmd_detect(args):
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     style = {"learning_rate": args.style_adaptation_lr, "batch_size": args.style_adaptation_batch_size}
     flagged, report = detect_known(
-        model, tokenizer, data, calibration_dataset=calibration, threshold=args.threshold,
-        batch_size=args.batch_size, style_adaptation_steps=args.style_adaptation_steps,
-        style_adaptation_kwargs=style, return_report=True,
+        model,
+        tokenizer,
+        data,
+        calibration_dataset=calibration,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        style_adaptation_steps=args.style_adaptation_steps,
+        style_adaptation_kwargs=style,
+        return_report=True,
     )
     if args.output.endswith((".jsonl", ".json")):
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -177,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--model", default="default", help="Model directory, or `default` (SmolLM2-135M-Instruct).")
-        p.add_argument("--dataset", default="default", help="`default` (MMLU), a save_to_disk directory or a JSON(L) file.")
+        p.add_argument(
+            "--dataset", default="default", help="`default` (MMLU), a save_to_disk directory or a JSON(L) file."
+        )
         p.add_argument("--max-samples", type=int, default=None, help="Use only the first N rows.")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

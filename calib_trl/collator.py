@@ -99,7 +99,9 @@ class DataCollatorWithKnowledgeFlags(DataCollatorForLanguageModeling):
         for column, values in flags.items():
             if self.padding_free:
                 values = [torch.cat(values, dim=0)]
-            output[column] = pad(values, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+            output[column] = pad(
+                values, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+            )
             if output[column].shape != output["input_ids"].shape:  # pragma: no cover - guards TRL changes
                 raise RuntimeError(f"`{column}` {tuple(output[column].shape)} is not aligned with `input_ids`.")
         return output

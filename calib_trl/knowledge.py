@@ -43,7 +43,6 @@ from .mcq import (
 )
 from .utils import logger
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # Threshold
 # --------------------------------------------------------------------------------------------------------------------
@@ -247,9 +246,7 @@ def score_completions(
             # keeps stepping until all are done (`synced_gpus`), since sharded models gather weights in every forward
             generator = extract_model_from_parallel(model)
             synced = state is not None
-            for start in tqdm(
-                range(0, len(order), batch_size), desc="Greedy answers", disable=not show, unit="batch"
-            ):
+            for start in tqdm(range(0, len(order), batch_size), desc="Greedy answers", disable=not show, unit="batch"):
                 batch = order[start : start + batch_size]
                 ids, mask, _ = _padded_batch([prompt_ids[i] for i in batch], pad_id, device)
                 width = ids.shape[1]
@@ -281,8 +278,14 @@ def score_completions(
 
 
 def score_answer_nll(
-    model, tokenizer, dataset, batch_size: int = 16, need_correct: bool = False, progress: bool = True,
-    desc: str = "Scoring answers", shard: bool = True,
+    model,
+    tokenizer,
+    dataset,
+    batch_size: int = 16,
+    need_correct: bool = False,
+    progress: bool = True,
+    desc: str = "Scoring answers",
+    shard: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Answer NLL of each row (and correctness when asked), multiple choice or open-ended (see the module doc)."""
     if is_multiple_choice(dataset):
@@ -291,7 +294,13 @@ def score_answer_nll(
         )
         return scores.answer_nll, scores.correct
     return score_completions(
-        model, tokenizer, dataset, batch_size=batch_size, check_greedy=need_correct, progress=progress, desc=desc,
+        model,
+        tokenizer,
+        dataset,
+        batch_size=batch_size,
+        check_greedy=need_correct,
+        progress=progress,
+        desc=desc,
         shard=shard,
     )
 
@@ -367,7 +376,9 @@ def style_adapt(
         trainer = SFTTrainer(
             model=target, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
         )
-        logger.info("Style adaptation: %d steps of %d examples at lr %g", steps, per_device * accumulation, learning_rate)
+        logger.info(
+            "Style adaptation: %d steps of %d examples at lr %g", steps, per_device * accumulation, learning_rate
+        )
         trainer.train()
         adapted = trainer.model
         # Free the optimizer state now rather than whenever the trainer's reference cycles are collected
@@ -445,8 +456,10 @@ def detect_known(
             halves = calibration_dataset.train_test_split(test_size=0.5, seed=0, shuffle=True)
             style_adaptation_dataset, calibration_dataset = halves["train"], halves["test"]
         elif style_adaptation_dataset is None:
-            logger.warning("Style adaptation on the rows being flagged lowers their NLL; pass a "
-                           "`calibration_dataset` or a `style_adaptation_dataset` to avoid it.")
+            logger.warning(
+                "Style adaptation on the rows being flagged lowers their NLL; pass a "
+                "`calibration_dataset` or a `style_adaptation_dataset` to avoid it."
+            )
             style_adaptation_dataset = dataset
         probe = style_adapt(
             model, tokenizer, style_adaptation_dataset, steps=style_adaptation_steps, **(style_adaptation_kwargs or {})
@@ -456,7 +469,12 @@ def detect_known(
         if is_multiple_choice(calibration_dataset):
             validate_mcq_dataset(calibration_dataset, name="calibration_dataset")
         cal_nll, cal_correct = score_answer_nll(
-            probe, tokenizer, calibration_dataset, batch_size, need_correct=check_greedy, progress=progress,
+            probe,
+            tokenizer,
+            calibration_dataset,
+            batch_size,
+            need_correct=check_greedy,
+            progress=progress,
             desc="Scoring calibration split",
         )
         if cal_correct is None:
@@ -513,8 +531,15 @@ class OnlineKnowledgeDetector:
         max_samples (`int`, *optional*): use only the first `max_samples` calibration rows.
     """
 
-    def __init__(self, calibration_dataset, tokenizer, refit_steps: int = 50, batch_size: int = 32,
-                 max_samples: int | None = None, progress: bool = False):
+    def __init__(
+        self,
+        calibration_dataset,
+        tokenizer,
+        refit_steps: int = 50,
+        batch_size: int = 32,
+        max_samples: int | None = None,
+        progress: bool = False,
+    ):
         if calibration_dataset is None or len(calibration_dataset) == 0:
             raise ValueError(
                 "Online detection (`detection='online'`) needs a non-empty `calibration_dataset` passed to the trainer."
@@ -534,14 +559,17 @@ class OnlineKnowledgeDetector:
         self.history: list[dict] = []
 
     def due(self, global_step: int) -> bool:
-        return self.threshold is None or (
-            global_step % self.refit_steps == 0 and global_step != self.last_refit_step
-        )
+        return self.threshold is None or (global_step % self.refit_steps == 0 and global_step != self.last_refit_step)
 
     def refit(self, model, global_step: int = 0) -> DetectionReport:
         nll, correct = score_answer_nll(
-            model, self.tokenizer, self.calibration_dataset, self.batch_size, need_correct=True,
-            progress=self.progress, desc="Re-fitting the known threshold",
+            model,
+            self.tokenizer,
+            self.calibration_dataset,
+            self.batch_size,
+            need_correct=True,
+            progress=self.progress,
+            desc="Re-fitting the known threshold",
         )
         t, j, tpr, tnr = youden_threshold(nll, correct)
         self.threshold = t

@@ -28,8 +28,6 @@ from contextlib import nullcontext
 
 import torch
 
-
-
 # Elements of the `[chunk, V]` logits buffer of `ChunkedLogitPenalty` (64 MiB in float32)
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -113,8 +111,14 @@ def _transform(y: torch.Tensor, logit_scale: float, softcap: float | None):
     return softcap * t, (1 - t * t)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype, logit_scale: float,
-                  softcap: float | None):
+def _chunk_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype,
+    logit_scale: float,
+    softcap: float | None,
+):
     """float32 logits of a chunk of tokens, projected in `dtype` (the autocast dtype), and `dz/dy` (see `_transform`)."""
     y = hidden.to(dtype) @ weight.t()
     if bias is not None:
@@ -190,8 +194,9 @@ class ChunkedLogitPenalty(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
     @staticmethod
-    def _backward_chunks(hidden, weight, bias, max_val, max_idx, grad_mean, grad_penalty, args, use_mean, use_pen,
-                         needs):
+    def _backward_chunks(
+        hidden, weight, bias, max_val, max_idx, grad_mean, grad_penalty, args, use_mean, use_pen, needs
+    ):
         logit_scale, softcap, margin, want_mean, dtype, chunk = args
         need_h, need_w, need_b = needs
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -324,8 +329,17 @@ class MarginPenalty(torch.autograd.Function):
             if dense.any():  # the chunks whose near and far sets were both too large: recompute them
                 idx = dense.nonzero().flatten()
                 sub = ChunkedLogitPenalty._backward_chunks(
-                    hidden[idx], weight, bias, max_val[idx], argmax[idx], None, grad_penalty[idx],
-                    (logit_scale, None, margin, False, dtype, chunk), False, True, (need_h, need_w, need_b),
+                    hidden[idx],
+                    weight,
+                    bias,
+                    max_val[idx],
+                    argmax[idx],
+                    None,
+                    grad_penalty[idx],
+                    (logit_scale, None, margin, False, dtype, chunk),
+                    False,
+                    True,
+                    (need_h, need_w, need_b),
                 )
                 if need_h:
                     grad_h[idx] = sub[0].float()
@@ -457,7 +471,11 @@ def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor) -> torch.Tensor
 
 
 def rcft_ece_loss(
-    probs: torch.Tensor, bins: torch.Tensor, row_accuracy: torch.Tensor, n_bins: int, num_choices: torch.Tensor | None = None
+    probs: torch.Tensor,
+    bins: torch.Tensor,
+    row_accuracy: torch.Tensor,
+    n_bins: int,
+    num_choices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     RCFT's ECE surrogate: `sum_b (1/N_b) sum_{i in b} [(m_i - acc_b)^2 + sum_j (q_ij - t_ij)^2]`, i.e. the squared

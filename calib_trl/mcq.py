@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-
 LETTERS = tuple(string.ascii_uppercase)
 DEFAULT_INSTRUCTION = "Answer with only a single letter."
 REQUIRED_COLUMNS = ("prompt", "choices", "answer")
@@ -154,7 +153,9 @@ def option_token_ids(
     prompt_ids = tokenize_prompt(tokenizer, prompt, chat_template)
     ids = []
     for letter in LETTERS[:num_options]:
-        full = tokenize_prompt_completion(tokenizer, prompt, _letter_completion(prompt, completion, letter), chat_template)
+        full = tokenize_prompt_completion(
+            tokenizer, prompt, _letter_completion(prompt, completion, letter), chat_template
+        )
         n = _common_prefix(prompt_ids, full)
         if n < len(prompt_ids) or len(full) <= n:
             raise ValueError(
@@ -195,7 +196,9 @@ def validate_mcq_dataset(dataset, name: str = "dataset", require_completion: boo
         )
     for i, (choices, answer) in enumerate(zip(dataset["choices"], dataset["answer"])):
         if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS):
-            raise ValueError(f"`choices` (row {i}) must be a list of 2 to {len(LETTERS)} option texts, got {choices!r}.")
+            raise ValueError(
+                f"`choices` (row {i}) must be a list of 2 to {len(LETTERS)} option texts, got {choices!r}."
+            )
         normalize_answer(answer, len(choices), row=i)
 
 
@@ -356,9 +359,10 @@ def score_multiple_choice(
             option_logits = logits.gather(1, cols)
             gold = cols.gather(1, torch.tensor(labels[batch], device=logits.device)[:, None])
             gold_nll = logits.logsumexp(-1) - logits.gather(1, gold).squeeze(1)
-            valid = torch.arange(k_max, device=logits.device)[None, :] < torch.tensor(
-                num_choices[batch], device=logits.device
-            )[:, None]
+            valid = (
+                torch.arange(k_max, device=logits.device)[None, :]
+                < torch.tensor(num_choices[batch], device=logits.device)[:, None]
+            )
             option_probs = option_logits.masked_fill(~valid, float("-inf")).softmax(-1)
             for row, i in enumerate(batch):
                 probs[i] = option_probs[row].cpu().numpy()

@@ -20,7 +20,6 @@ import textwrap
 
 from huggingface_hub import EvalResult, ModelCard
 
-
 COGCALIB_CITATION = textwrap.dedent("""\
     @inproceedings{wang2025objective,
         title        = {{Towards Objective Fine-tuning: How LLMs' Prior Knowledge Causes Potential Poor Calibration?}},
@@ -62,8 +61,10 @@ def calibration_section(method: str, settings: dict, results: list[dict]) -> str
             values = " | ".join(_fmt(r["report"].get(key)) for key, _, _ in CARD_METRICS)
             lines.append(f"| {r['dataset']} | {r['split']} | {r.get('step', '')} | {values} |")
         lines.append("")
-        lines.append("ECE: 10 equal-width bins on the top option probability; class-wise ECE averages the same over "
-                     "each option's probability.")
+        lines.append(
+            "ECE: 10 equal-width bins on the top option probability; class-wise ECE averages the same over "
+            "each option's probability."
+        )
         lines.append("")
         for r in results:
             if r.get("diagram"):
@@ -96,7 +97,11 @@ class CalibrationModelCardMixin:
                 diagram = os.path.abspath(diagram)
         step = getattr(getattr(self, "state", None), "global_step", None)
         self._calibration_results[(dataset_name, split)] = {
-            "dataset": dataset_name, "split": split, "step": step, "report": dict(report), "diagram": diagram,
+            "dataset": dataset_name,
+            "split": split,
+            "step": step,
+            "report": dict(report),
+            "diagram": diagram,
         }
 
     @property

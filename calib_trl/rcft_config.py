@@ -44,7 +44,10 @@ class RCFTConfig(CalibSFTConfig):
 
     calibration_loss: str = field(
         default="none",
-        metadata={"help": "CogCalib term on known examples, combinable with RCFT.", "choices": ["ls", "mbls", "ecp", "none"]},
+        metadata={
+            "help": "CogCalib term on known examples, combinable with RCFT.",
+            "choices": ["ls", "mbls", "ecp", "none"],
+        },
     )
     ece_weight: float = field(
         default=0.5, metadata={"help": "α: weight of the ECE term against the SFT loss, in [0, 1]; 0 gives CFT."}
@@ -60,7 +63,7 @@ class RCFTConfig(CalibSFTConfig):
     )
     bin_refresh: str = field(
         default="epoch",
-        metadata={"help": "When the E-step re-estimates bin accuracies: `once`, `epoch`, or every N steps (`\"50\"`)."},
+        metadata={"help": 'When the E-step re-estimates bin accuracies: `once`, `epoch`, or every N steps (`"50"`).'},
     )
     estep_samples: int | None = field(
         default=1000, metadata={"help": "Training rows scored by each E-step (all if unset)."}
@@ -90,7 +93,9 @@ class RCFTConfig(CalibSFTConfig):
                 "`sft_loss`."
             )
         self.bin_refresh = str(self.bin_refresh)
-        if self.bin_refresh not in ("once", "epoch") and not (self.bin_refresh.isdigit() and int(self.bin_refresh) > 0):
+        if self.bin_refresh not in ("once", "epoch") and not (
+            self.bin_refresh.isdigit() and int(self.bin_refresh) > 0
+        ):
             raise ValueError(
                 f"`bin_refresh` must be 'once', 'epoch' or a positive number of steps, got {self.bin_refresh!r}."
             )

@@ -5,13 +5,20 @@ import torch
 
 from .calib_sft_trainer import CalibSFTTrainer
 from .losses import confidence_bins, full_lm_head_params, rcft_ece_loss
-from .mcq import LETTERS, OptionTokenLookup, _common_prefix, score_multiple_choice, tokenize_prompt, tokenize_prompt_completion, validate_mcq_dataset
+from .mcq import (
+    LETTERS,
+    OptionTokenLookup,
+    _common_prefix,
+    score_multiple_choice,
+    tokenize_prompt,
+    tokenize_prompt_completion,
+    validate_mcq_dataset,
+)
 from .metrics import calibration_report
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
 from .trainer_utils import predicting, shifted, unwrap_base
 from .utils import logger
-
 
 ANSWER_COLUMN = "answer_options"
 
@@ -98,8 +105,10 @@ class RCFTTrainer(CalibSFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if formatting_func is not None:
-            raise ValueError("RCFT needs prompt/completion rows to find the answer position; a `formatting_func` "
-                             "turns them into plain text. Format the prompts before passing the dataset instead.")
+            raise ValueError(
+                "RCFT needs prompt/completion rows to find the answer position; a `formatting_func` "
+                "turns them into plain text. Format the prompts before passing the dataset instead."
+            )
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def _on_rows_dropped(self, dropped: int, total: int, args, dataset_name: str) -> None:
@@ -142,15 +151,27 @@ class RCFTTrainer(CalibSFTTrainer):
                     "option letters map to other tokens; RCFT needs one prompt format per dataset."
                 )
             k = len(row["choices"])
-            answer = row["answer"] if isinstance(row["answer"], int) else LETTERS.index(str(row["answer"]).strip().upper())
+            answer = (
+                row["answer"] if isinstance(row["answer"], int) else LETTERS.index(str(row["answer"]).strip().upper())
+            )
             marker = [0] * len(ids)
             kept = len(ids) if limit is None else min(len(ids), limit)
             if not 0 <= position < kept:
-                problems.append((i, f"its answer position ({position}) is outside the {kept} tokens kept "
-                                    f"(`max_length={args.max_length}` cuts it off)"))
+                problems.append(
+                    (
+                        i,
+                        f"its answer position ({position}) is outside the {kept} tokens kept "
+                        f"(`max_length={args.max_length}` cuts it off)",
+                    )
+                )
             elif ids[position] != letters[answer]:
-                problems.append((i, f"its completion starts with {tok.decode([ids[position]])!r} instead of the answer "
-                                    f"letter {LETTERS[answer]!r}"))
+                problems.append(
+                    (
+                        i,
+                        f"its completion starts with {tok.decode([ids[position]])!r} instead of the answer "
+                        f"letter {LETTERS[answer]!r}",
+                    )
+                )
             else:
                 marker[position] = k
             markers.append(marker)
@@ -162,8 +183,13 @@ class RCFTTrainer(CalibSFTTrainer):
                     f"{len(problems)} row(s) are affected; fix them, or set `invalid_rows='exclude'` to train them "
                     "with the SFT loss only."
                 )
-            logger.warning("%d row(s) of the %s dataset are excluded from the ECE term (first: row %d, %s).",
-                           len(problems), dataset_name, i, why)
+            logger.warning(
+                "%d row(s) of the %s dataset are excluded from the ECE term (first: row %d, %s).",
+                len(problems),
+                dataset_name,
+                i,
+                why,
+            )
             self._excluded_rows += len(problems)
         self._option_ids = option_ids
         return dataset.add_column(ANSWER_COLUMN, markers)
@@ -174,7 +200,9 @@ class RCFTTrainer(CalibSFTTrainer):
         mode = "train" if self.model.training else "eval"
         answers = inputs.pop(ANSWER_COLUMN, None)
         if answers is None:
-            raise KeyError(f"The batch has no `{ANSWER_COLUMN}` tensor; use `calib_trl.DataCollatorWithKnowledgeFlags`.")
+            raise KeyError(
+                f"The batch has no `{ANSWER_COLUMN}` tensor; use `calib_trl.DataCollatorWithKnowledgeFlags`."
+            )
         if not self._rcft_active:  # CFT
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._bin_stats is None or (mode == "train" and self._estep_due()):
@@ -186,7 +214,9 @@ class RCFTTrainer(CalibSFTTrainer):
             n_tokens = self._capture.output.label_mask.sum()
             base = result[0] if return_outputs else result
             at = shifted(answers, inputs) > 0
-            probs, num_choices = self._option_probs(model, predicting(hidden, inputs)[at], shifted(answers, inputs)[at])
+            probs, num_choices = self._option_probs(
+                model, predicting(hidden, inputs)[at], shifted(answers, inputs)[at]
+            )
         conf = probs.detach().max(-1).values
         bins = confidence_bins(conf, args.n_bins)
         accuracy = self._bin_stats["accuracy"].to(conf.device)[bins]
@@ -244,8 +274,14 @@ class RCFTTrainer(CalibSFTTrainer):
         """The E-step: per-bin counts, accuracies and mean confidences of the current model on the E-step rows."""
         model = model if model is not None else self.model
         scores = score_multiple_choice(
-            model, self._tokenizer, self._estep_rows, batch_size=self.args.estep_batch_size, desc="RCFT E-step",
-            progress=not self.args.disable_tqdm, shard=True, chat_template=self.chat_template,
+            model,
+            self._tokenizer,
+            self._estep_rows,
+            batch_size=self.args.estep_batch_size,
+            desc="RCFT E-step",
+            progress=not self.args.disable_tqdm,
+            shard=True,
+            chat_template=self.chat_template,
         )
         n_bins = self.args.n_bins
         conf = torch.tensor(scores.confidences, dtype=torch.float64)
@@ -271,7 +307,11 @@ class RCFTTrainer(CalibSFTTrainer):
         s = self._bin_stats
         logger.info(
             "RCFT E-step at step %d: accuracy %.4f, conf-ECE %.4f, class-wise ECE %.4f; bin counts %s",
-            self.state.global_step, s["estep_accuracy"], s["estep_ece"], s["estep_cw_ece"], s["counts"].long().tolist(),
+            self.state.global_step,
+            s["estep_accuracy"],
+            s["estep_ece"],
+            s["estep_cw_ece"],
+            s["counts"].long().tolist(),
         )
 
     # -- state, model card ---------------------------------------------------------------------------------------
@@ -288,15 +328,24 @@ class RCFTTrainer(CalibSFTTrainer):
         if "rcft_bins" in state:
             bins = state["rcft_bins"]
             self._bin_stats = {
-                k: (torch.tensor(v, dtype=torch.float64 if k == "counts" else torch.float32) if isinstance(v, list) else v)
+                k: (
+                    torch.tensor(v, dtype=torch.float64 if k == "counts" else torch.float32)
+                    if isinstance(v, list)
+                    else v
+                )
                 for k, v in bins.items()
             }
             self._estep_marker = state["rcft_estep_marker"]
 
     def _card_settings(self) -> dict:
         a = self.args
-        settings = {"ece_weight": a.ece_weight, "ece_scale": a.ece_scale, "n_bins": a.n_bins, "sft_loss": a.sft_loss,
-                    "bin_refresh": a.bin_refresh}
+        settings = {
+            "ece_weight": a.ece_weight,
+            "ece_scale": a.ece_scale,
+            "n_bins": a.n_bins,
+            "sft_loss": a.sft_loss,
+            "bin_refresh": a.bin_refresh,
+        }
         if a.calibrates:
             settings.update(super()._card_settings())
         return settings

@@ -29,17 +29,22 @@ class CalibScriptArguments(ScriptArguments):
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
     dataset_test_split: str = field(default="test", metadata={"help": "Evaluation split (before/after table)."})
-    calibration_split: str = field(default="calibration", metadata={"help": "Split the detection threshold is fitted on."})
+    calibration_split: str = field(
+        default="calibration", metadata={"help": "Split the detection threshold is fitted on."}
+    )
     ood_split: str | None = field(default="ood", metadata={"help": "Out-of-domain split also evaluated (if present)."})
     max_train_samples: int | None = field(default=48, metadata={"help": "Training rows used (0: all)."})
-    max_eval_samples: int | None = field(default=64, metadata={"help": "Evaluation rows used, per evaluation split (0: all)."})
+    max_eval_samples: int | None = field(
+        default=64, metadata={"help": "Evaluation rows used, per evaluation split (0: all)."}
+    )
     max_calibration_samples: int | None = field(default=80, metadata={"help": "Calibration rows used (0: all)."})
     style_adaptation_steps: int = field(default=3, metadata={"help": "Style-adaptation steps before detection."})
     style_adaptation_lr: float = field(default=4e-5, metadata={"help": "Style-adaptation learning rate."})
     style_adaptation_batch_size: int = field(default=16, metadata={"help": "Style-adaptation batch size."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the calibration evaluations."})
     calibration_eval_steps: int | None = field(
-        default=None, metadata={"help": "Also measure calibration on the evaluation split every N steps during training."}
+        default=None,
+        metadata={"help": "Also measure calibration on the evaluation split every N steps during training."},
     )
 
 
@@ -65,7 +70,9 @@ def evaluate_splits(model, tokenizer, splits, batch_size):
 
 def evaluate(model, tokenizer, data, batch_size):
     scores = score_multiple_choice(model, tokenizer, data, batch_size=batch_size, desc="Evaluating", shard=True)
-    return calibration_report(scores.probs, scores.labels), reliability_diagram_data(scores.confidences, scores.correct)
+    return calibration_report(scores.probs, scores.labels), reliability_diagram_data(
+        scores.confidences, scores.correct
+    )
 
 
 def load_splits(script_args):
@@ -89,10 +96,17 @@ def load_splits(script_args):
 def add_calibration_callback(trainer, splits, script_args) -> None:
     """Measure calibration on the evaluation split every `calibration_eval_steps` steps, if asked."""
     if script_args.calibration_eval_steps:
-        trainer.add_callback(CalibrationCallback(
-            trainer, splits["eval"], name=script_args.dataset_name or "eval", split=script_args.dataset_test_split,
-            eval_steps=script_args.calibration_eval_steps, on_epoch=False, batch_size=script_args.eval_batch_size,
-        ))
+        trainer.add_callback(
+            CalibrationCallback(
+                trainer,
+                splits["eval"],
+                name=script_args.dataset_name or "eval",
+                split=script_args.dataset_test_split,
+                eval_steps=script_args.calibration_eval_steps,
+                on_epoch=False,
+                batch_size=script_args.eval_batch_size,
+            )
+        )
 
 
 def finish(trainer, tokenizer, splits, before, script_args, method):
@@ -114,11 +128,23 @@ def finish(trainer, tokenizer, splits, before, script_args, method):
         plot_reliability_diagrams(panels, path=figure, suptitle=f"{method}: before and after fine-tuning")
         for name, (report, _) in after.items():
             split = script_args.dataset_test_split if name == "eval" else script_args.ood_split
-            trainer.record_calibration(report, script_args.dataset_name or "default", split,
-                                       diagram=figure if name == "eval" else None)
+            trainer.record_calibration(
+                report, script_args.dataset_name or "default", split, diagram=figure if name == "eval" else None
+            )
         with open(os.path.join(out, "calibration.json"), "w") as f:
-            json.dump(json_safe({"name": method, "report": after["eval"][0], "reliability_diagram": after["eval"][1],
-                                 "before": before["eval"][0], "ood": after.get("ood", (None,))[0]}), f, indent=2)
+            json.dump(
+                json_safe(
+                    {
+                        "name": method,
+                        "report": after["eval"][0],
+                        "reliability_diagram": after["eval"][1],
+                        "before": before["eval"][0],
+                        "ood": after.get("ood", (None,))[0],
+                    }
+                ),
+                f,
+                indent=2,
+            )
         print(f"Wrote {figure}, {out}/calibration.json and the model card {out}/README.md")
     trainer.save_model(out)
     trainer.create_model_card(dataset_name=None if script_args.dataset_name == "default" else script_args.dataset_name)

@@ -24,7 +24,6 @@ from trl.trainer.utils import FusedCausalLMOutput
 from .collator import DataCollatorWithKnowledgeFlags, _as_number
 from .utils import logger
 
-
 STATE_FILE = "calib_trl_state.json"
 
 
@@ -155,7 +154,10 @@ class CalibrationTrainerMixin:
         logger.warning(
             "%d of the %d rows of the %s dataset were dropped: `max_length=%s` truncation left them without any "
             "completion token. Raise `max_length` to keep them.",
-            dropped, total, dataset_name, args.max_length,
+            dropped,
+            total,
+            dataset_name,
+            args.max_length,
         )
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
@@ -188,9 +190,7 @@ class CalibrationTrainerMixin:
 
         def per_token(example):
             n = len(example["input_ids"])
-            return {
-                c: [_as_number(example[c], c)] * n for c in flags if not isinstance(example[c], (list, tuple))
-            }
+            return {c: [_as_number(example[c], c)] * n for c in flags if not isinstance(example[c], (list, tuple))}
 
         map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Spreading {', '.join(flags)} over tokens"}
         dataset = dataset.map(per_token, **map_kwargs)
@@ -262,8 +262,9 @@ class CalibrationTrainerMixin:
             )
         self._skipped_steps += 1
         self._metrics[mode]["calib/skipped_steps"] = [self._skipped_steps]
-        logger.warning("Non-finite loss at step %d: micro-batch skipped (%d so far).", self.state.global_step,
-                       self._skipped_steps)
+        logger.warning(
+            "Non-finite loss at step %d: micro-batch skipped (%d so far).", self.state.global_step, self._skipped_steps
+        )
         # A zero that still reaches every trainable parameter, so DDP's gradient all-reduce sees them all
         params = [p for p in model.parameters() if p.requires_grad]
         return sum((p.reshape(-1)[:1].sum() * 0.0 for p in params), torch.zeros((), device=loss.device))
@@ -285,7 +286,9 @@ class CalibrationTrainerMixin:
     def _save_checkpoint(self, model, trial):
         # Written before the checkpoint itself, so that a push of the checkpoint to the Hub includes it
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump(self._calib_state(), f, indent=2, default=_json_default)

@@ -7,7 +7,6 @@ import math
 
 import torch
 
-
 logger = logging.getLogger("calib_trl")
 
 
@@ -16,9 +15,7 @@ def check_in(name: str, value, allowed) -> None:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
-def check_range(
-    name: str, value: float, low: float | None, high: float | None, high_inclusive: bool = True
-) -> None:
+def check_range(name: str, value: float, low: float | None, high: float | None, high_inclusive: bool = True) -> None:
     ok = value == value and (low is None or value >= low)  # value == value rejects NaN
     if high is not None:
         ok = ok and (value <= high if high_inclusive else value < high)

@@ -34,10 +34,16 @@ def main(script_args, model_args):
     model, tokenizer, _ = load_model(model_args, args)
     splits = load_splits(script_args)
     flagged, report = detect_known(
-        model, tokenizer, splits["train"], calibration_dataset=splits["calibration"],
-        batch_size=script_args.eval_batch_size, style_adaptation_steps=script_args.style_adaptation_steps,
-        style_adaptation_kwargs={"learning_rate": script_args.style_adaptation_lr,
-                                 "batch_size": script_args.style_adaptation_batch_size},
+        model,
+        tokenizer,
+        splits["train"],
+        calibration_dataset=splits["calibration"],
+        batch_size=script_args.eval_batch_size,
+        style_adaptation_steps=script_args.style_adaptation_steps,
+        style_adaptation_kwargs={
+            "learning_rate": script_args.style_adaptation_lr,
+            "batch_size": script_args.style_adaptation_batch_size,
+        },
         return_report=True,
     )
     if args.process_index == 0:

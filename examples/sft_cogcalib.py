@@ -42,11 +42,18 @@ def main(script_args, training_args, model_args):
     calibration = splits.get("calibration")
     if training_args.calibrates and training_args.apply_to == "known" and training_args.detection == "precomputed":
         train, report = detect_known(
-            model, tokenizer, train, calibration_dataset=calibration, batch_size=script_args.eval_batch_size,
+            model,
+            tokenizer,
+            train,
+            calibration_dataset=calibration,
+            batch_size=script_args.eval_batch_size,
             style_adaptation_steps=script_args.style_adaptation_steps,
-            style_adaptation_kwargs={"learning_rate": script_args.style_adaptation_lr,
-                                     "batch_size": script_args.style_adaptation_batch_size,
-                                     "padding_free": training_args.padding_free, "max_length": training_args.max_length},
+            style_adaptation_kwargs={
+                "learning_rate": script_args.style_adaptation_lr,
+                "batch_size": script_args.style_adaptation_batch_size,
+                "padding_free": training_args.padding_free,
+                "max_length": training_args.max_length,
+            },
             return_report=True,
         )
         if training_args.process_index == 0:

@@ -7,11 +7,10 @@ import string
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from calib_trl.mcq import make_mcq_example
-
 
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -35,7 +34,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie: bool = True, **config) -> LlamaForCausalLM:
+def make_model(
+    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie: bool = True, **config
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -61,7 +62,9 @@ def make_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
 WORDS = "cat dog sun moon tree rock blue red fast slow big tiny old new hot cold".split()
 
 
-def make_mcq_dataset(n: int, seed: int = 0, num_choices: int = 4, conversational: bool = True, known: bool | None = None) -> Dataset:
+def make_mcq_dataset(
+    n: int, seed: int = 0, num_choices: int = 4, conversational: bool = True, known: bool | None = None
+) -> Dataset:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):

@@ -1,7 +1,5 @@
 """CalibSFTTrainer: losses and gradients against a full-logits reference, in padded, padding-free and packed batches."""
 
-import copy
-
 import pytest
 import torch
 from helpers import make_mcq_dataset, make_model, make_tokenizer
@@ -9,7 +7,6 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer
-
 
 MODES = {
     "padded": dict(max_length=1024),
@@ -136,16 +133,27 @@ def test_calibration_loss_none_reproduces_sft_trainer_exactly(tmp_path, mode):
     tok = make_tokenizer()
     data = make_mcq_dataset(12, seed=2, known=True)
     calib = CalibSFTTrainer(
-        model=make_model(len(tok), seed=5), args=config(tmp_path / "a", mode, calibration_loss="none", max_steps=3),
-        train_dataset=data, processing_class=tok,
+        model=make_model(len(tok), seed=5),
+        args=config(tmp_path / "a", mode, calibration_loss="none", max_steps=3),
+        train_dataset=data,
+        processing_class=tok,
     )
     kwargs = dict(
-        per_device_train_batch_size=4, report_to=[], save_strategy="no", disable_tqdm=True, gradient_checkpointing=False,
-        shuffle_dataset=False, max_steps=3, bf16=False, **MODES[mode],
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        shuffle_dataset=False,
+        max_steps=3,
+        bf16=False,
+        **MODES[mode],
     )
     sft = SFTTrainer(
-        model=make_model(len(tok), seed=5), args=SFTConfig(str(tmp_path / "b"), **kwargs),
-        train_dataset=data.remove_columns("known"), processing_class=tok,
+        model=make_model(len(tok), seed=5),
+        args=SFTConfig(str(tmp_path / "b"), **kwargs),
+        train_dataset=data.remove_columns("known"),
+        processing_class=tok,
     )
     calib.train()
     sft.train()
@@ -161,7 +169,9 @@ def test_no_known_examples_equals_plain_cross_entropy(tmp_path):
     data = make_mcq_dataset(12, seed=2, known=False)
     with pytest.warns(UserWarning, match="No example of the train dataset is known"):
         trainer = CalibSFTTrainer(
-            model=make_model(len(tok)), args=config(tmp_path, calibration_loss="ecp"), train_dataset=data,
+            model=make_model(len(tok)),
+            args=config(tmp_path, calibration_loss="ecp"),
+            train_dataset=data,
             processing_class=tok,
         )
     batch = first_batch(trainer)
@@ -213,7 +223,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
         trainer = CalibSFTTrainer(
             model=make_model(len(tok), seed=3),
             args=config(tmp_path / str(checkpointing), calibration_loss="ls", gradient_checkpointing=checkpointing),
-            train_dataset=make_mcq_dataset(12, seed=1, known=True), processing_class=tok,
+            train_dataset=make_mcq_dataset(12, seed=1, known=True),
+            processing_class=tok,
         )
         batch = first_batch(trainer)
         trainer.model.train()
@@ -230,8 +241,13 @@ def test_evaluate_reports_the_calibrated_loss(tmp_path):
     tok = make_tokenizer()
     evaluation = make_mcq_dataset(8, seed=9, known=True)
     args = config(tmp_path, calibration_loss="ecp", ecp_beta=0.7, per_device_eval_batch_size=8)
-    trainer = CalibSFTTrainer(model=make_model(len(tok), seed=3), args=args, train_dataset=make_mcq_dataset(8, known=True),
-                              eval_dataset=evaluation, processing_class=tok)
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok), seed=3),
+        args=args,
+        train_dataset=make_mcq_dataset(8, known=True),
+        eval_dataset=evaluation,
+        processing_class=tok,
+    )
     metrics = trainer.evaluate()
     batch = next(iter(trainer.get_eval_dataloader()))
     with torch.no_grad():

@@ -19,14 +19,23 @@ class Recorder(TrainerCallback):
 def test_callback_logs_saves_and_records(tmp_path):
     tok = make_tokenizer()
     train, evaluation = make_mcq_dataset(16, seed=1, known=True), make_mcq_dataset(10, seed=2)
-    args = CalibSFTConfig(str(tmp_path), calibration_loss="ecp", max_steps=4, per_device_train_batch_size=4,
-                          report_to=[], save_strategy="no", disable_tqdm=True, gradient_checkpointing=False,
-                          logging_steps=1)
+    args = CalibSFTConfig(
+        str(tmp_path),
+        calibration_loss="ecp",
+        max_steps=4,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        logging_steps=1,
+    )
     trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=train, processing_class=tok)
     recorder = Recorder()
     trainer.add_callback(recorder)
-    callback = CalibrationCallback(trainer, evaluation, name="toy", split="test", eval_steps=2, on_epoch=False,
-                                   at_start=True)
+    callback = CalibrationCallback(
+        trainer, evaluation, name="toy", split="test", eval_steps=2, on_epoch=False, at_start=True
+    )
     trainer.add_callback(callback)
     trainer.train()
     # before training, at steps 2 and 4 (the end of training falls on step 4: not repeated)
@@ -39,7 +48,9 @@ def test_callback_logs_saves_and_records(tmp_path):
     for key in ("accuracy", "ece", "cw_ece", "brier", "mean_confidence"):
         assert logged[-1][f"calibration/toy/{key}"] == pytest.approx(final[key])
     # regular training logs are untouched by the callback's entries
-    assert all("loss" in log for log in recorder.logs if "calibration/toy/ece" not in log and "train_runtime" not in log)
+    assert all(
+        "loss" in log for log in recorder.logs if "calibration/toy/ece" not in log and "train_runtime" not in log
+    )
     for step in (0, 2, 4):
         assert (tmp_path / "calibration" / f"reliability_toy_test_step{step}.png").stat().st_size > 1000
     (result,) = trainer.calibration_results
@@ -52,7 +63,8 @@ def test_callback_rejects_bad_dataset(tmp_path):
     trainer = CalibSFTTrainer(
         model=make_model(len(tok)),
         args=CalibSFTConfig(str(tmp_path), calibration_loss="none", report_to=[], max_steps=1),
-        train_dataset=make_mcq_dataset(4), processing_class=tok,
+        train_dataset=make_mcq_dataset(4),
+        processing_class=tok,
     )
     with pytest.raises(ValueError, match="missing the column"):
         CalibrationCallback(trainer, make_mcq_dataset(4).remove_columns("answer"))

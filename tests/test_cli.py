@@ -15,8 +15,22 @@ from calib_trl.mcq import score_multiple_choice
 
 def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--split", "test",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(tiny_dataset_dir),
+                "--split",
+                "test",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "accuracy" in printed.splitlines()[0] and "| ece |" in printed.splitlines()[0]
     result = json.loads((out / "calibration.json").read_text())
@@ -33,15 +47,43 @@ def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir
 
 def test_detect_saves_flags(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
     out = tmp_path / "flags"
-    assert main(["detect", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--split", "train",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(tiny_dataset_dir),
+                "--split",
+                "train",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     flagged = load_from_disk(str(out))
     assert len(flagged) == 24 and set(flagged["known"]) <= {True, False}
     report = json.loads((tmp_path / "flags_detection.json").read_text())
     assert np.mean(flagged["known"]) == pytest.approx(report["known_fraction"])
     jsonl = tmp_path / "flags.jsonl"
-    assert main(["detect", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--threshold", "3.0",
-                 "--output", str(jsonl)]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(tiny_dataset_dir),
+                "--threshold",
+                "3.0",
+                "--output",
+                str(jsonl),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["known"] for r in rows] == [r["answer_nll"] <= 3.0 for r in rows]
 
@@ -50,8 +92,14 @@ def test_report_compares_runs(tmp_path, capsys):
     paths = []
     for name, ece in (("base", 0.2), ("tuned", 0.05)):
         report = {"accuracy": 0.3, "ece": ece}
-        diagram = {"bin_edges": [0, 0.5, 1], "bin_counts": [1, 1], "bin_accuracy": [0.0, 1.0],
-                   "bin_confidence": [0.3, 0.8], "ece": ece, "n_bins": 2}
+        diagram = {
+            "bin_edges": [0, 0.5, 1],
+            "bin_counts": [1, 1],
+            "bin_accuracy": [0.0, 1.0],
+            "bin_confidence": [0.3, 0.8],
+            "ece": ece,
+            "n_bins": 2,
+        }
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"name": name, "report": report, "reliability_diagram": diagram}))
         paths.append(str(path))

@@ -7,7 +7,6 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, DataCollatorWithKnowledgeFlags
 
-
 EXAMPLES = [
     {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "known": True},
     {"input_ids": [8, 9], "labels": [-100, 9], "known": False},
@@ -62,8 +61,16 @@ def test_flags_reach_compute_loss_intact(tmp_path, mode):
         text = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
         flag_of[text] = float(row["known"])
     assert 0 < sum(flag_of.values()) < len(flag_of)
-    args = CalibSFTConfig(str(tmp_path), calibration_loss="ls", per_device_train_batch_size=4, report_to=[],
-                          save_strategy="no", disable_tqdm=True, gradient_checkpointing=False, **MODES[mode])
+    args = CalibSFTConfig(
+        str(tmp_path),
+        calibration_loss="ls",
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        **MODES[mode],
+    )
     trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=data, processing_class=tok)
     seen = []
     original = trainer.compute_loss

@@ -20,7 +20,6 @@ from calib_trl.defaults import (
 )
 from calib_trl.mcq import LETTERS, option_token_ids, validate_mcq_dataset
 
-
 # sha256 of the JSON list of question texts of each split, in order (default arguments)
 SPLIT_HASHES = {
     "train": "f201479655ca7cf9e69151c27707d01f2e247538c66ebb2a4448fb9485902f30",

@@ -9,15 +9,36 @@ import sys
 import pytest
 from huggingface_hub import ModelCard
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--max_train_samples", "8", "--max_eval_samples", "6", "--max_calibration_samples", "8",
-        "--style_adaptation_steps", "1", "--style_adaptation_batch_size", "4", "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "4", "--eval_batch_size", "4", "--logging_steps", "1"]
+TINY = [
+    "--max_train_samples",
+    "8",
+    "--max_eval_samples",
+    "6",
+    "--max_calibration_samples",
+    "8",
+    "--style_adaptation_steps",
+    "1",
+    "--style_adaptation_batch_size",
+    "4",
+    "--num_train_epochs",
+    "1",
+    "--per_device_train_batch_size",
+    "4",
+    "--eval_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+]
 
 
 def run(args, tmp_path, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.path.join(ROOT, "tests")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.path.join(ROOT, "tests"),
+    }
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -40,8 +61,20 @@ def check_outputs(out, tag):
 
 def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "cogcalib"
-    stdout = run([sys.executable, "examples/sft_cogcalib.py", "--model_name_or_path", str(tiny_model_dir),
-                  "--dataset_name", str(tiny_dataset_dir), "--output_dir", str(out), *TINY], tmp_path)
+    stdout = run(
+        [
+            sys.executable,
+            "examples/sft_cogcalib.py",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(tiny_dataset_dir),
+            "--output_dir",
+            str(out),
+            *TINY,
+        ],
+        tmp_path,
+    )
     assert "base / test" in stdout and "CogCalib / test" in stdout and "CogCalib / ood" in stdout
     assert "Knowledge detection" in stdout and "detection accuracy" in stdout
     check_outputs(out, "cogcalib")
@@ -50,29 +83,86 @@ def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
 @pytest.mark.distributed
 def test_sft_cogcalib_example_with_config_under_accelerate_launch(tiny_model_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "cogcalib2"
-    stdout = run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                  "--main_process_port", str(free_port()), "examples/sft_cogcalib.py",
-                  "--config", "examples/configs/cogcalib_full.yaml", "--model_name_or_path", str(tiny_model_dir),
-                  "--dataset_name", str(tiny_dataset_dir), "--output_dir", str(out), "--bf16", "false",
-                  "--gradient_checkpointing", "false", "--detection", "online", "--calibration_eval_steps", "1",
-                  "--save_strategy", "no", *TINY], tmp_path)
+    stdout = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--cpu",
+            "--main_process_port",
+            str(free_port()),
+            "examples/sft_cogcalib.py",
+            "--config",
+            "examples/configs/cogcalib_full.yaml",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(tiny_dataset_dir),
+            "--output_dir",
+            str(out),
+            "--bf16",
+            "false",
+            "--gradient_checkpointing",
+            "false",
+            "--detection",
+            "online",
+            "--calibration_eval_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            *TINY,
+        ],
+        tmp_path,
+    )
     assert stdout.count("CogCalib / test") == 1  # printed by the main process only
     check_outputs(out, "cogcalib")
 
 
 def test_rcft_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "rcft"
-    stdout = run([sys.executable, "examples/rcft.py", "--model_name_or_path", str(tiny_model_dir), "--dataset_name",
-                  str(tiny_dataset_dir), "--output_dir", str(out), "--estep_samples", "12", *TINY], tmp_path)
+    stdout = run(
+        [
+            sys.executable,
+            "examples/rcft.py",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(tiny_dataset_dir),
+            "--output_dir",
+            str(out),
+            "--estep_samples",
+            "12",
+            *TINY,
+        ],
+        tmp_path,
+    )
     assert "RCFT / test" in stdout
     check_outputs(out, "rcft")
 
 
 def test_detect_known_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "detect"
-    stdout = run([sys.executable, "examples/detect_known.py", "--model_name_or_path", str(tiny_model_dir),
-                  "--dataset_name", str(tiny_dataset_dir), "--output_dir", str(out), "--max_train_samples", "8",
-                  "--max_calibration_samples", "8", "--style_adaptation_steps", "0"], tmp_path)
+    stdout = run(
+        [
+            sys.executable,
+            "examples/detect_known.py",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(tiny_dataset_dir),
+            "--output_dir",
+            str(out),
+            "--max_train_samples",
+            "8",
+            "--max_calibration_samples",
+            "8",
+            "--style_adaptation_steps",
+            "0",
+        ],
+        tmp_path,
+    )
     assert "detection accuracy" in stdout
     report = json.loads((out / "detection.json").read_text())
     assert 0 <= report["known_fraction"] <= 1 and os.path.isdir(out / "train")

@@ -12,7 +12,6 @@ from calib_trl import CalibSFTConfig, CalibSFTTrainer, OnlineKnowledgeDetector, 
 from calib_trl.knowledge import normalize_answer_text, score_answer_nll, score_completions, youden_threshold
 from calib_trl.mcq import LETTERS, tokenize_prompt, tokenize_prompt_completion
 
-
 # -- Youden threshold -------------------------------------------------------------------------------------------------
 
 
@@ -42,9 +41,7 @@ def test_youden_threshold_ties_and_brute_force():
         if correct.all() or (~correct).all():
             continue
         t, j, _, _ = youden_threshold(nll, correct)
-        best = max(
-            ((nll <= c)[correct].mean() + (nll > c)[~correct].mean() - 1 for c in np.unique(nll)), default=0.0
-        )
+        best = max(((nll <= c)[correct].mean() + (nll > c)[~correct].mean() - 1 for c in np.unique(nll)), default=0.0)
         assert j == pytest.approx(max(best, 0.0))
         flagged = nll <= t
         assert flagged[correct].mean() + (~flagged[~correct]).mean() - 1 == pytest.approx(j)
@@ -96,9 +93,13 @@ def test_open_ended_nll_and_greedy_match_reference():
         ref = -np.mean([logp[t - 1, full[t]].item() for t in range(len(p), len(full))])
         assert nll[i] == pytest.approx(ref, rel=1e-4, abs=1e-4)
         with torch.no_grad():
-            out = model.generate(torch.tensor([p]), max_new_tokens=len(full) - len(p) + 8, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, len(p):], skip_special_tokens=True).strip().split("\n")[0]
+            out = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=len(full) - len(p) + 8,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        text = tok.decode(out[0, len(p) :], skip_special_tokens=True).strip().split("\n")[0]
         assert correct[i] == (normalize_answer_text(text) == normalize_answer_text(row["completion"][0]["content"]))
 
 
@@ -114,8 +115,9 @@ def test_detect_known_flags_and_report():
     tok = make_tokenizer()
     model = make_model(len(tok), seed=4)
     train, calib = make_mcq_dataset(10, seed=5), make_mcq_dataset(30, seed=6)
-    flagged, report = detect_known(model, tok, train, calibration_dataset=calib, batch_size=8, progress=False,
-                                   return_report=True)
+    flagged, report = detect_known(
+        model, tok, train, calibration_dataset=calib, batch_size=8, progress=False, return_report=True
+    )
     cal_nll, cal_correct = score_answer_nll(model, tok, calib, progress=False)
     t, j, _, _ = youden_threshold(cal_nll, cal_correct)
     assert report.threshold == pytest.approx(t) and report.youden_j == pytest.approx(j)
@@ -154,8 +156,16 @@ def test_style_adaptation_with_lora():
 
     tok = make_tokenizer()
     model = make_model(len(tok), seed=7)
-    adapted = style_adapt(model, tok, make_mcq_dataset(8), steps=2, batch_size=4, per_device_batch_size=4,
-                          learning_rate=1e-3, peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
+    adapted = style_adapt(
+        model,
+        tok,
+        make_mcq_dataset(8),
+        steps=2,
+        batch_size=4,
+        per_device_batch_size=4,
+        learning_rate=1e-3,
+        peft_config=LoraConfig(r=2, target_modules=["q_proj"]),
+    )
     assert any("lora_" in n for n, _ in adapted.named_parameters())
     assert not any("lora_" in n for n, _ in model.named_parameters())
 
@@ -185,12 +195,26 @@ def test_online_flags_use_each_examples_answer_nll(tmp_path, padding_free):
     tok = make_tokenizer()
     train, calib = make_mcq_dataset(8, seed=11), make_mcq_dataset(16, seed=12)
     args = CalibSFTConfig(
-        str(tmp_path), calibration_loss="ecp", ecp_beta=0.5, detection="online", per_device_train_batch_size=8,
-        report_to=[], save_strategy="no", disable_tqdm=True, gradient_checkpointing=False, shuffle_dataset=False,
-        padding_free=padding_free, max_length=None if padding_free else 1024,
+        str(tmp_path),
+        calibration_loss="ecp",
+        ecp_beta=0.5,
+        detection="online",
+        per_device_train_batch_size=8,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        shuffle_dataset=False,
+        padding_free=padding_free,
+        max_length=None if padding_free else 1024,
     )
-    trainer = CalibSFTTrainer(model=make_model(len(tok), seed=13), args=args, train_dataset=train,
-                              processing_class=tok, calibration_dataset=calib)
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok), seed=13),
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+        calibration_dataset=calib,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
     trainer.detector.refit(model, 0)

@@ -121,7 +121,9 @@ def test_ls_identity_and_chunked_penalty_match_full_logits(monkeypatch):
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     z = (h @ w.t() + b) * 0.7
-    torch.testing.assert_close(label_smoothing_term(h, y, w, b, 0.7), z.gather(1, y[:, None]).squeeze(1) - z.mean(-1), check_dtype=False)
+    torch.testing.assert_close(
+        label_smoothing_term(h, y, w, b, 0.7), z.gather(1, y[:, None]).squeeze(1) - z.mean(-1), check_dtype=False
+    )
 
 
 # 10_000: the near sets kept sparsely; 3: the far sets where they are the smaller (wide margins), else the recompute
@@ -139,11 +141,23 @@ def test_margin_penalty_matches_full_logits(monkeypatch, max_near):
         got = losses.MarginPenalty.apply(h, w, b, 0.7, margin, max_near)
         torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
         g = torch.randn(9, dtype=torch.float64)
-        for a, e in zip(torch.autograd.grad((got * g).sum(), (h, w, b)), torch.autograd.grad((ref * g).sum(), (h, w, b))):
+        for a, e in zip(
+            torch.autograd.grad((got * g).sum(), (h, w, b)), torch.autograd.grad((ref * g).sum(), (h, w, b))
+        ):
             torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
 
 
 def test_calibration_term_rejects_unknown_method():
     with pytest.raises(ValueError, match="Unknown calibration method"):
-        losses.calibration_term("focal", None, torch.zeros(1), None, None, None, ls_epsilon=0.1, mbls_margin=10.0,
-                                mbls_lambda=0.1, ecp_beta=0.1)
+        losses.calibration_term(
+            "focal",
+            None,
+            torch.zeros(1),
+            None,
+            None,
+            None,
+            ls_epsilon=0.1,
+            mbls_margin=10.0,
+            mbls_lambda=0.1,
+            ecp_beta=0.1,
+        )

@@ -14,8 +14,15 @@ from calib_trl.mcq import LETTERS, score_multiple_choice
 
 def config(tmp_path, **kwargs):
     base = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], save_strategy="no", disable_tqdm=True,
-        gradient_checkpointing=False, shuffle_dataset=False, max_length=1024, estep_batch_size=8,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        shuffle_dataset=False,
+        max_length=1024,
+        estep_batch_size=8,
     )
     base.update(kwargs)
     return RCFTConfig(**base)
@@ -25,15 +32,28 @@ def test_cft_equals_completion_only_sft(tmp_path):
     tok = make_tokenizer()
     data = make_mcq_dataset(12, seed=4)
     rcft = RCFTTrainer(
-        model=make_model(len(tok), seed=1), args=config(tmp_path / "a", ece_weight=0.0, max_steps=3),
-        train_dataset=data, processing_class=tok,
+        model=make_model(len(tok), seed=1),
+        args=config(tmp_path / "a", ece_weight=0.0, max_steps=3),
+        train_dataset=data,
+        processing_class=tok,
     )
     sft = SFTTrainer(
         model=make_model(len(tok), seed=1),
-        args=SFTConfig(str(tmp_path / "b"), per_device_train_batch_size=4, report_to=[], save_strategy="no",
-                       disable_tqdm=True, gradient_checkpointing=False, shuffle_dataset=False, max_length=1024,
-                       max_steps=3, bf16=False, completion_only_loss=True),
-        train_dataset=data, processing_class=tok,
+        args=SFTConfig(
+            str(tmp_path / "b"),
+            per_device_train_batch_size=4,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            gradient_checkpointing=False,
+            shuffle_dataset=False,
+            max_length=1024,
+            max_steps=3,
+            bf16=False,
+            completion_only_loss=True,
+        ),
+        train_dataset=data,
+        processing_class=tok,
     )
     rcft.train()
     sft.train()
@@ -56,7 +76,10 @@ def reference(model, batch, option_ids, bin_accuracy, args, num_items):
     ks = batch["answer_options"][rows, cols].long()
     option_logits = logits[rows, cols - 1][:, option_ids]
     probs = torch.stack(
-        [torch.cat([option_logits[i, :k].softmax(-1), option_logits.new_zeros(len(option_ids) - k)]) for i, k in enumerate(ks)]
+        [
+            torch.cat([option_logits[i, :k].softmax(-1), option_logits.new_zeros(len(option_ids) - k)])
+            for i, k in enumerate(ks)
+        ]
     )
     bins = confidence_bins(probs.max(-1).values, args.n_bins)
     # the reference loss of each K group, then summed per bin as in the paper
@@ -83,8 +106,15 @@ def test_ece_term_matches_full_logits_reference(tmp_path, padding_free):
     tok = make_tokenizer()
     data = concatenate_datasets([make_mcq_dataset(6, seed=7), make_mcq_dataset(6, seed=8, num_choices=3)])
     data = data.shuffle(seed=0)
-    args = config(tmp_path, ece_weight=0.6, ece_scale=3.0, bin_refresh="once", padding_free=padding_free,
-                  max_length=None if padding_free else 1024, per_device_train_batch_size=6)
+    args = config(
+        tmp_path,
+        ece_weight=0.6,
+        ece_scale=3.0,
+        bin_refresh="once",
+        padding_free=padding_free,
+        max_length=None if padding_free else 1024,
+        per_device_train_batch_size=6,
+    )
     trainer = RCFTTrainer(model=make_model(len(tok), seed=2), args=args, train_dataset=data, processing_class=tok)
     accuracy = torch.linspace(0.05, 0.95, args.n_bins)
     accuracy[3] = float("nan")  # an empty E-step bin: its rows keep their own confidence as target
@@ -115,7 +145,9 @@ def test_invalid_rows_raise_or_are_excluded(tmp_path):
     with pytest.raises(ValueError, match=r"Row 2 of the train dataset .* instead of the answer letter"):
         RCFTTrainer(model=make_model(len(tok)), args=config(tmp_path), train_dataset=data, processing_class=tok)
     trainer = RCFTTrainer(
-        model=make_model(len(tok)), args=config(tmp_path, invalid_rows="exclude"), train_dataset=data,
+        model=make_model(len(tok)),
+        args=config(tmp_path, invalid_rows="exclude"),
+        train_dataset=data,
         processing_class=tok,
     )
     assert trainer._excluded_rows == 1
@@ -128,20 +160,27 @@ def test_truncated_answer_position_is_refused(tmp_path):
     data = make_mcq_dataset(4, seed=3)  # prompts of 95 to 109 tokens
     # the loss on the prompt keeps the truncated rows, whose answer position is gone
     with pytest.raises(ValueError, match=r"answer position \(10\d\) is outside the 100 tokens kept .*cuts it off"):
-        RCFTTrainer(model=make_model(len(tok)), args=config(tmp_path, max_length=100, sft_loss="prompt_and_completion"),
-                    train_dataset=data, processing_class=tok)
+        RCFTTrainer(
+            model=make_model(len(tok)),
+            args=config(tmp_path, max_length=100, sft_loss="prompt_and_completion"),
+            train_dataset=data,
+            processing_class=tok,
+        )
     # completion-only loss: TRL drops the rows left without completion tokens; RCFT says so
     with pytest.raises(ValueError, match="2 of the 4 rows of the train dataset have prompts too long"):
-        RCFTTrainer(model=make_model(len(tok)), args=config(tmp_path, max_length=100), train_dataset=data,
-                    processing_class=tok)
+        RCFTTrainer(
+            model=make_model(len(tok)), args=config(tmp_path, max_length=100), train_dataset=data, processing_class=tok
+        )
 
 
 def test_estep_statistics_and_schedule(tmp_path):
     tok = make_tokenizer()
     data = make_mcq_dataset(16, seed=9)
     trainer = RCFTTrainer(
-        model=make_model(len(tok), seed=4), args=config(tmp_path, bin_refresh="2", max_steps=5, estep_samples=None),
-        train_dataset=data, processing_class=tok,
+        model=make_model(len(tok), seed=4),
+        args=config(tmp_path, bin_refresh="2", max_steps=5, estep_samples=None),
+        train_dataset=data,
+        processing_class=tok,
     )
     stats = trainer.estimate_bins()
     scores = score_multiple_choice(trainer.model, tok, data, progress=False)
