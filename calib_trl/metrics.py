@@ -50,6 +50,7 @@ __all__ = [
     "maximum_calibration_error",
     "negative_log_likelihood",
     "reliability_diagram_data",
+    "smooth_ece",
 ]
 
 #: Probabilities are clamped to at least this value before taking the log in `negative_log_likelihood`, so a zero
@@ -249,6 +250,58 @@ def _auroc(conf: torch.Tensor, acc: torch.Tensor) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+# Smallest bandwidth the smooth ECE's fixed-point search considers (as in Blasiok & Nakkiran's reference code), and the
+# number of grid points per bandwidth of the kernel smoothing (the grid has at least `_SMOOTH_MIN_GRID` points).
+_SMOOTH_MIN_SIGMA = 1e-3
+_SMOOTH_POINTS_PER_SIGMA = 20
+_SMOOTH_MIN_GRID = 2001
+
+
+def _smooth_ece_at(conf: np.ndarray, residual: np.ndarray, sigma: float) -> float:
+    """
+    `smECE_sigma = integral over t in [0, 1] of |(1/N) sum_i K_sigma(t, f_i) r_i| dt`, with `K_sigma` the Gaussian kernel
+    reflected at 0 and 1: `K_sigma(t, f) = sum_m phi_sigma(t - f - 2m) + phi_sigma(t + f - 2m)`, so every example keeps
+    unit mass on `[0, 1]` whatever the bandwidth.
+
+    The residuals are spread onto a regular grid of `[0, 1]` by linear interpolation, each also at its mirror image
+    `-f` (a node on 0 or 1 is its own image), on the circle of circumference 2; a circular convolution with the
+    Gaussian wrapped on that circle gives the reflected smoothing, and the trapezoid rule the integral.
+    """
+    points = max(_SMOOTH_MIN_GRID, int(np.ceil(_SMOOTH_POINTS_PER_SIGMA / sigma)) + 1)
+    h = 1.0 / (points - 1)
+    period = 2 * (points - 1)  # grid nodes on the circle [0, 2)
+    position = conf * (points - 1)
+    left = np.clip(np.floor(position).astype(np.int64), 0, points - 2)
+    frac = position - left
+    circle = np.zeros(period)
+    for node, weight in ((left, (1 - frac) * residual), (left + 1, frac * residual)):
+        np.add.at(circle, node, weight)
+        np.add.at(circle, (-node) % period, weight)
+    offsets = np.arange(period) * h
+    kernel = sum(np.exp(-0.5 * ((offsets - 2 * m) / sigma) ** 2) for m in range(-3, 4))
+    kernel /= np.sqrt(2 * np.pi) * sigma
+    smoothed = np.fft.irfft(np.fft.rfft(circle) * np.fft.rfft(kernel), n=period)[:points]
+    density = np.abs(smoothed) / len(conf)
+    return float(h * (density.sum() - (density[0] + density[-1]) / 2))
+
+
+def _smooth_ece(conf: torch.Tensor, acc: torch.Tensor) -> float:
+    f = conf.numpy()
+    r = f - acc.numpy()
+    at_min = _smooth_ece_at(f, r, _SMOOTH_MIN_SIGMA)
+    if at_min <= _SMOOTH_MIN_SIGMA:
+        return at_min
+    # smECE_sigma does not increase with sigma, so smECE_sigma - sigma has one root: bisect for it
+    lo, hi = _SMOOTH_MIN_SIGMA, 1.0
+    while hi - lo > 1e-6:
+        mid = (lo + hi) / 2
+        if _smooth_ece_at(f, r, mid) > mid:
+            lo = mid
+        else:
+            hi = mid
+    return _smooth_ece_at(f, r, hi)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Public metrics
 # ---------------------------------------------------------------------------------------------------------------------
@@ -441,6 +494,38 @@ def confidence_auroc(confidences: Any, correct: Any) -> float:
     return _auroc(conf, acc)
 
 
+def smooth_ece(confidences: Any, correct: Any) -> float:
+    r"""
+    Smooth ECE (Blasiok & Nakkiran, 2023, "Smooth ECE: Principled Reliability Diagrams via Kernel Smoothing"): a
+    calibration error without bins.
+
+    The residuals `f_i - y_i` (confidence minus correctness) are smoothed over the confidence axis with a Gaussian
+    kernel of bandwidth `sigma`, reflected at 0 and 1; `smECE_sigma` is the integral over `[0, 1]` of the absolute
+    smoothed residual density, and the smooth ECE is `smECE_sigma*` at the bandwidth where `smECE_sigma* = sigma*`
+    (the unique fixed point; bandwidths below `1e-3` are not considered). It is consistent (a perfectly calibrated
+    predictor tends to 0) and continuous in the predictions, unlike binned ECE, whose value jumps as a confidence
+    crosses a bin edge.
+
+    Args:
+        confidences (`array-like` of shape `(N,)`):
+            Confidence of each prediction, in `[0, 1]`.
+        correct (`array-like` of shape `(N,)`):
+            Whether each prediction is right (booleans or 0/1).
+
+    Returns:
+        `float`: The smooth ECE, in `[0, 1]`.
+
+    Example:
+
+    ```python
+    >>> round(smooth_ece([1.0, 1.0], [0, 0]), 6)  # certain and always wrong
+    1.0
+    ```
+    """
+    conf, acc = _check_confidences(confidences, correct)
+    return _smooth_ece(conf, acc)
+
+
 def reliability_diagram_data(confidences: Any, correct: Any, n_bins: int = 10) -> dict[str, Any]:
     r"""
     Per-bin statistics for a reliability diagram, as JSON-serialisable Python lists.
@@ -513,6 +598,7 @@ def calibration_report(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, f
         - `mean_confidence`: mean confidence (accuracy minus mean confidence < 0 means overconfidence);
         - `ece`: `expected_calibration_error` with equal-width bins;
         - `ece_equal_mass`: `expected_calibration_error` with equal-mass (`"quantile"`) bins;
+        - `smooth_ece`: `smooth_ece`, which needs no bins;
         - `cw_ece`: `classwise_ece`;
         - `mce`: `maximum_calibration_error`;
         - `brier`: `brier_score`;
@@ -543,6 +629,7 @@ def calibration_report(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, f
         "mean_confidence": float(conf.mean()),
         "ece": _ece(conf, acc, n_bins, "uniform"),
         "ece_equal_mass": _ece(conf, acc, n_bins, "quantile"),
+        "smooth_ece": _smooth_ece(conf, acc),
         "cw_ece": _classwise_ece(p, y, n_bins),
         "mce": _mce(conf, acc, n_bins),
         "brier": float(((p - target) ** 2).sum(dim=1).mean()),

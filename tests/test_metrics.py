@@ -20,6 +20,7 @@ from calib_trl.metrics import (
     maximum_calibration_error,
     negative_log_likelihood,
     reliability_diagram_data,
+    smooth_ece,
 )
 
 REPORT_KEYS = {
@@ -27,6 +28,7 @@ REPORT_KEYS = {
     "mean_confidence",
     "ece",
     "ece_equal_mass",
+    "smooth_ece",
     "cw_ece",
     "mce",
     "brier",
@@ -557,3 +559,62 @@ def test_report_bounds(data, n_bins):
         assert 0.0 <= report[key] <= 1.0, key
     assert report["mce"] >= report["ece"] - 1e-12
     assert math.isnan(report["auroc"]) or 0.0 <= report["auroc"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Smooth ECE
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def direct_smooth_ece_at(f, y, sigma, points=20001):
+    """smECE_sigma written from its definition: the reflected-Gaussian smoothing summed over images, integrated densely."""
+    t = np.linspace(0, 1, points)[:, None]
+    kernel = sum(
+        np.exp(-0.5 * ((t - f[None, :] - 2 * m) / sigma) ** 2) + np.exp(-0.5 * ((t + f[None, :] - 2 * m) / sigma) ** 2)
+        for m in range(-3, 4)
+    ) / (np.sqrt(2 * np.pi) * sigma)
+    density = np.abs(kernel @ (f - y)) / len(f)
+    return np.trapezoid(density, t[:, 0])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_smooth_ece_at_a_bandwidth_matches_its_definition(seed):
+    from calib_trl.metrics import _smooth_ece_at
+
+    rng = np.random.default_rng(seed)
+    f = rng.uniform(size=40) ** (seed + 1)
+    y = (rng.uniform(size=40) < f**0.5).astype(float)
+    for sigma in (0.02, 0.1, 0.5):
+        assert _smooth_ece_at(f, f - y, sigma) == pytest.approx(direct_smooth_ece_at(f, y, sigma), abs=2e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_smooth_ece_matches_relplot(seed):
+    relplot = pytest.importorskip("relplot")
+    rng = np.random.default_rng(seed)
+    n = [5, 30, 200, 2000, 50, 1000][seed]
+    f = rng.uniform(size=n) ** [1, 0.3, 2, 1, 0.5, 3][seed]
+    y = (rng.uniform(size=n) < f ** [1, 2, 0.5, 1.3, 1, 1][seed]).astype(float)
+    # relplot finds its bandwidth with 10 halvings (about 1e-3) and smooths on a coarser grid
+    assert smooth_ece(f, y) == pytest.approx(relplot.smECE(f, y), abs=5e-3)
+
+
+def test_smooth_ece_hand_computed_cases():
+    assert smooth_ece([1.0, 1.0, 1.0], [0, 0, 0]) == pytest.approx(1.0, abs=1e-6)  # certain and always wrong
+    assert smooth_ece([0.0, 0.0], [1, 1]) == pytest.approx(1.0, abs=1e-6)
+    assert smooth_ece([0.5] * 4, [1, 0, 1, 0]) == pytest.approx(0.0, abs=1e-9)  # exactly calibrated
+    rng = np.random.default_rng(0)
+    f = rng.uniform(size=20000)
+    assert smooth_ece(f, rng.uniform(size=20000) < f) < 0.02  # calibrated in expectation
+    assert smooth_ece(f, rng.uniform(size=20000) < f**2) > 0.1  # overconfident
+
+
+def test_smooth_ece_is_in_the_report_and_order_invariant():
+    probs, labels = random_probs(300, 4, seed=3)
+    report = calibration_report(probs, labels)
+    conf, pred = probs.max(dim=1)
+    assert report["smooth_ece"] == smooth_ece(conf, pred == labels)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(1))
+    assert calibration_report(probs[perm], labels[perm])["smooth_ece"] == pytest.approx(
+        report["smooth_ece"], abs=1e-12
+    )
