@@ -101,6 +101,27 @@ def label_smoothing_term(
     return logit_scale * term
 
 
+def project_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    transform: dict,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    float32 logits `transform(hidden @ weight[rows].T + bias[rows])` of some rows of the LM head (all when `rows` is
+    `None`), for `[N, H]` hidden states: the option letters' logits at answer positions, or every token's logits for
+    a chunk of tokens. Projected in float32, so that bf16 does not round logits whose differences matter.
+    """
+    if rows is not None:
+        weight = weight[rows]
+        bias = None if bias is None else bias[rows]
+    y = hidden.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return _transform(y, transform["logit_scale"], transform["softcap"])[0]
+
+
 def _transform(y: torch.Tensor, logit_scale: float, softcap: float | None):
     """Logits from the raw projection `y`, and `dz/dy` (needed by the backward)."""
     if logit_scale != 1.0:
@@ -408,6 +429,51 @@ def calibration_term(
             return mbls_lambda * MarginPenalty.apply(hidden, weight, bias, scale, mbls_margin, MAX_NEAR)
         _, penalty = ChunkedLogitPenalty.apply(hidden, weight, bias, scale, softcap, mbls_margin, False)
         return mbls_lambda * penalty
+
+
+def option_calibration_term(
+    method: str,
+    option_logits: torch.Tensor,
+    num_choices: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ls_epsilon: float,
+    mbls_margin: float,
+    mbls_lambda: float,
+    ecp_beta: float,
+) -> torch.Tensor:
+    """
+    The per-answer term `L_method - NLL` on the softmax over each question's option letters (`calibration_space=
+    "options"`): the distribution that option-letter ECE measures, and nothing else of the vocabulary.
+
+    With `z` the `K_i` option logits of a row, `p = softmax(z)` and `y` the right option:
+    `ls`: `eps (z_y - mean_k z_k)`; `mbls`: `lambda mean_k relu(max_j z_j - z_k - m)`; `ecp`: `-beta H(p)`. Each is
+    unchanged when a constant is added to all of a row's option logits, so the term moves probability between the
+    options only: the letters' share of the full vocabulary (`answer_mass`) is left to the cross-entropy.
+
+    Args:
+        method: `"ls"`, `"mbls"` or `"ecp"`.
+        option_logits: `[N, K]` differentiable option logits (`project_logits` of the option rows).
+        num_choices: `[N]` options of each row (the columns beyond are ignored).
+        target: `[N]` index of the right option.
+    """
+    k = option_logits.shape[1]
+    valid = torch.arange(k, device=option_logits.device)[None, :] < num_choices[:, None]
+    z = option_logits.float()
+    count = valid.sum(-1).to(z.dtype)
+    if method == "ls":
+        mean = torch.where(valid, z, torch.zeros_like(z)).sum(-1) / count
+        return ls_epsilon * (z.gather(1, target[:, None]).squeeze(1) - mean)
+    if method == "mbls":
+        top = z.masked_fill(~valid, float("-inf")).max(-1, keepdim=True).values
+        penalty = torch.where(valid, (top - z - mbls_margin).clamp(min=0), torch.zeros_like(z))
+        return mbls_lambda * penalty.sum(-1) / count
+    if method == "ecp":
+        logp = z.masked_fill(~valid, float("-inf")).log_softmax(-1)
+        # p log p with the absent options' -inf replaced before the product, so that no 0 * inf reaches the backward
+        entropy = -(logp.exp() * torch.where(valid, logp, torch.zeros_like(z))).sum(-1)
+        return -ecp_beta * entropy
+    raise ValueError(f"Unknown calibration method {method!r}; expected 'ls', 'mbls' or 'ecp'.")
 
 
 # --------------------------------------------------------------------------------------------------------------------

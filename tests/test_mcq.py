@@ -1,0 +1,84 @@
+"""Multiple-choice scoring against hand-computed references: option softmax, answer mass, the language-model check."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import concatenate_datasets
+from helpers import make_mcq_dataset, make_model, make_tokenizer
+
+from calib_trl.mcq import option_token_ids, prompt_text_tokens, score_multiple_choice, tokenize_prompt
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = make_tokenizer()
+    model = make_model(len(tok), seed=11)
+    # 4-, 3- and 2-option rows, so the softmax over each row's own options is exercised
+    data = concatenate_datasets(
+        [
+            make_mcq_dataset(5, seed=1),
+            make_mcq_dataset(4, seed=2, num_choices=3),
+            make_mcq_dataset(3, seed=3, num_choices=2),
+        ]
+    )
+    return tok, model, data
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].double()
+
+
+def test_scores_match_a_hand_computed_softmax_over_each_rows_options(setup):
+    tok, model, data = setup
+    scores = score_multiple_choice(model, tok, data, batch_size=5, progress=False, lm_check=True)
+    for i, row in enumerate(data):
+        ids = tokenize_prompt(tok, row["prompt"])
+        k = len(row["choices"])
+        letters = option_token_ids(tok, row["prompt"], k, completion=row["completion"])
+        logits = full_logits(model, ids)
+        last = logits[-1]
+        expected = last[letters].softmax(-1).numpy()
+        np.testing.assert_allclose(scores.probs[i, :k], expected, rtol=1e-5, atol=1e-6)
+        assert (scores.probs[i, k:] == 0).all() and np.isneginf(scores.logits[i, k:]).all()
+        full = last.softmax(-1)
+        np.testing.assert_allclose(scores.answer_mass[i], float(full[letters].sum()), rtol=1e-5)
+        np.testing.assert_allclose(scores.answer_nll[i], -float(full[letters[row["answer"]]].log()), rtol=1e-5)
+        # the language-model check: the NLL of the question's text tokens under the full logits
+        positions = prompt_text_tokens(tok, row["prompt"], ids)
+        logp = logits.log_softmax(-1)
+        expected_nll = -sum(float(logp[p - 1, ids[p]]) for p in positions)
+        np.testing.assert_allclose(scores.lm_nll_sum[i], expected_nll, rtol=1e-4)
+        assert scores.lm_tokens[i] == len(positions)
+    assert scores.lm_nll == pytest.approx(scores.lm_nll_sum.sum() / scores.lm_tokens.sum())
+    assert scores.labels.tolist() == list(data["answer"])
+
+
+def test_prompt_text_tokens_are_the_last_messages_content(setup):
+    tok, _, data = setup
+    row = data[0]
+    ids = tokenize_prompt(tok, row["prompt"])
+    positions = prompt_text_tokens(tok, row["prompt"], ids)
+    # the tokenizer is character-level, so the selected tokens spell the message exactly (bar its first character)
+    content = row["prompt"][-1]["content"]
+    assert tok.decode([ids[p] for p in positions]) == content
+    assert positions == list(range(positions[0], positions[0] + len(content)))
+    plain = "Question: which?\nAnswer:"
+    plain_ids = tokenize_prompt(tok, plain)
+    assert prompt_text_tokens(tok, plain, plain_ids) == list(range(1, len(plain_ids)))
+
+
+def test_report_adds_answer_mass_lm_check_and_temperature(setup):
+    tok, model, data = setup
+    scores = score_multiple_choice(model, tok, data, progress=False, lm_check=True)
+    report = scores.report()
+    assert report["answer_mass"] == pytest.approx(float(scores.answer_mass.mean()))
+    assert report["lm_nll"] == pytest.approx(scores.lm_nll)
+    assert "temperature" not in report
+    hot = scores.report(temperature=4.0)
+    assert hot["temperature"] == 4.0
+    assert hot["accuracy"] == report["accuracy"]  # scaling never changes the argmax
+    assert hot["mean_confidence"] < report["mean_confidence"]
+    without = score_multiple_choice(model, tok, data, progress=False)
+    assert without.lm_nll is None and "lm_nll" not in without.report()
+    np.testing.assert_array_equal(without.probs, scores.probs)
