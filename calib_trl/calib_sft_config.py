@@ -43,6 +43,14 @@ class CalibSFTConfig(SFTConfig):
         ecp_beta (`float`, *optional*, defaults to `2.0`):
             Weight β of the entropy bonus of `"ecp"`, `>= 0`.
 
+        calibration_space (`str`, *optional*, defaults to `"vocabulary"`):
+            Which distribution the calibration term acts on. `"vocabulary"`: the next-token distribution over the
+            whole vocabulary, at every completion token of a selected example (the papers' losses). `"options"`
+            (multiple-choice data, with `choices` and `answer` columns): the softmax over the option letters at the
+            answer token only, the distribution that option-letter ECE measures; every other token keeps plain
+            cross-entropy, so probability is moved between the options and not off them. `"auto"`: `"options"` when
+            the training data has `choices`, else `"vocabulary"`.
+
         > Parameters that control knowledge detection
 
         known_column (`str`, *optional*, defaults to `"known"`):
@@ -88,6 +96,14 @@ class CalibSFTConfig(SFTConfig):
     mbls_margin: float = field(default=10.0, metadata={"help": "Margin m of `mbls` in logit units, >= 0."})
     mbls_lambda: float = field(default=0.1, metadata={"help": "Weight λ of the margin penalty of `mbls`, >= 0."})
     ecp_beta: float = field(default=2.0, metadata={"help": "Weight β of the entropy bonus of `ecp`, >= 0."})
+    calibration_space: str = field(
+        default="vocabulary",
+        metadata={
+            "help": "Distribution the calibration term acts on: `vocabulary` (every completion token), `options` (the "
+            "softmax over the option letters at the answer token; multiple-choice data) or `auto`.",
+            "choices": ["vocabulary", "options", "auto"],
+        },
+    )
     known_column: str = field(
         default="known", metadata={"help": "Dataset column with the known flag (from `calib_trl.detect_known`)."}
     )
@@ -124,6 +140,7 @@ class CalibSFTConfig(SFTConfig):
         super().__post_init__()
         check_in("calibration_loss", self.calibration_loss, ("ls", "mbls", "ecp", "none"))
         check_in("apply_to", self.apply_to, ("known", "all", "none"))
+        check_in("calibration_space", self.calibration_space, ("vocabulary", "options", "auto"))
         check_in("detection", self.detection, ("precomputed", "online"))
         check_in("answer_nll", self.answer_nll, ("auto", "first", "mean"))
         check_in("nonfinite_loss", self.nonfinite_loss, ("raise", "skip"))

@@ -9,9 +9,16 @@ from trl import SFTTrainer
 
 from .calib_sft_config import CalibSFTConfig
 from .knowledge import OnlineKnowledgeDetector, is_multiple_choice
-from .losses import calibration_term, lm_head_transform
+from .losses import (
+    calibration_term,
+    full_lm_head_params,
+    lm_head_transform,
+    option_calibration_term,
+    project_logits,
+)
 from .model_card import COGCALIB_CITATION, RCFT_CITATION, CalibrationModelCardMixin
 from .trainer_utils import (
+    ANSWER_COLUMN,
     CalibrationTrainerMixin,
     ForwardCapture,
     check_flag_column,
@@ -79,6 +86,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
         self._needs_flags = args.calibrates and args.apply_to == "known"
         self._precomputed = self._needs_flags and args.detection == "precomputed"
+        self._space = self._resolve_space(args, train_dataset)
         if args.calibrates and (args.label_smoothing_factor > 0 or kwargs.get("compute_loss_func") is not None):
             raise ValueError(
                 "`label_smoothing_factor` and `compute_loss_func` replace the fused LM head's loss and cannot be "
@@ -103,6 +111,8 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
         if self._precomputed:
             self._install_flag_collator((args.known_column,), required=True)
+        if self._space == "options":  # eval datasets without `choices` carry no answer marks
+            self._install_flag_collator((ANSWER_COLUMN,), required=False)
         self._check_parallelism(online)
         self._capture = ForwardCapture(self.model, want_hidden=self._needs_hidden())
         self._head_transform = lm_head_transform(unwrap_base(self.model))
@@ -135,9 +145,33 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         elif calibration_dataset is not None:
             logger.info("`calibration_dataset` is only used by online detection; it is ignored here.")
 
+    @staticmethod
+    def _resolve_space(args, train_dataset) -> str:
+        """The calibration space in use: `"auto"` resolved, and checked against the training data."""
+        if not args.calibrates:
+            return "vocabulary"
+        mcq = train_dataset is not None and is_multiple_choice(train_dataset)
+        space = args.calibration_space
+        if space == "auto":
+            space = "options" if mcq else "vocabulary"
+            logger.info(
+                "calibration_space='auto': the calibration term acts on the %s.",
+                "option letters at the answer token" if mcq else "whole vocabulary",
+            )
+        elif space == "options" and not mcq:
+            columns = train_dataset.column_names if train_dataset is not None else None
+            raise ValueError(
+                "`calibration_space='options'` calibrates the softmax over the option letters, which needs "
+                "multiple-choice rows: prompt/completion with `choices` and `answer` columns (the train dataset has "
+                f"{columns}). Use `calibration_space='vocabulary'` (or 'auto') for open-ended data."
+            )
+        return space
+
     def _reads_lm_head(self) -> bool:
         """Whether the loss reads the LM head's weight outside the model's forward (see `_check_parallelism`)."""
-        return self.args.calibrates and self.args.calibration_loss in ("ls", "mbls")
+        if not self.args.calibrates:
+            return False
+        return self._space == "options" or self.args.calibration_loss in ("ls", "mbls")
 
     def _check_parallelism(self, online: bool) -> None:
         """Refuse the set-ups where per-token flags or per-example grouping would be silently wrong."""
@@ -177,7 +211,23 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
     def _columns_to_carry(self, args) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Dataset columns kept through preparation, and those the collator turns into per-token tensors."""
         columns = (args.known_column,) if self._precomputed else ()
+        if self._space == "options":  # `choices` rides along to locate the answers, which become a per-token column
+            return (*columns, "choices"), (*columns, ANSWER_COLUMN)
         return columns, columns
+
+    def _post_tokenize(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._post_tokenize(dataset, processing_class, args, dataset_name)
+        if self._space != "options" or ANSWER_COLUMN in dataset.column_names:
+            return dataset
+        if "choices" not in dataset.column_names:
+            logger.warning(
+                "The %s dataset has no `choices`: its loss has no option-letter calibration term (plain cross-entropy).",
+                dataset_name,
+            )
+            return dataset
+        return self._locate_answers(
+            dataset, processing_class, args, dataset_name, invalid_rows=getattr(args, "invalid_rows", "raise")
+        )
 
     def _needs_hidden(self) -> bool:
         """Whether the loss needs the backbone's hidden states: those that project them through the LM head do."""
@@ -204,17 +254,25 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
     # -- loss ----------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Once, on every path (calibration on or off, RCFT or not): NaN/inf is raised or skipped, never trained on
+        if return_outputs:
+            return self._guard_nonfinite(result[0], model), result[1]
+        return self._guard_nonfinite(result, model)
+
+    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`SFTTrainer`'s loss plus the calibration term on the selected tokens (see the class docstring)."""
         mode = "train" if self.model.training else "eval"
         args = self.args
         known = inputs.pop(args.known_column, None) if self._precomputed else None
+        answers = inputs.pop(ANSWER_COLUMN, None)
         if self._precomputed and known is None:
             raise KeyError(
                 f"The batch has no `{args.known_column}` tensor. With a custom data collator, return it as a per-token "
                 "tensor (see `calib_trl.DataCollatorWithKnowledgeFlags`)."
             )
         if not args.calibrates:
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         if self.detector is not None and self.detector.due(self.state.global_step):
             report = self.detector.refit(model, self.state.global_step)
@@ -226,17 +284,32 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         loss = result[0] if return_outputs else result
 
         mask = out.label_mask
-        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
         nll = -out.log_probs.detach()
-        if args.apply_to == "all":
-            selected = mask
-        elif self.detector is not None:
-            flags = self._online_flags(inputs, nll, mask)
-            selected = mask & flags
+        selected = self._select_tokens(inputs, known, nll, mask)
+        if self._space == "options":
+            term, n_eligible = self._option_term(model, inputs, hidden, selected, answers)
         else:
-            selected = mask & (shifted(known, inputs) > 0.5)
+            term, n_eligible = self._vocabulary_term(model, inputs, hidden, out, selected), mask.sum()
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        extra = args.calibration_weight * term.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        loss = loss + extra * self._loss_scale(num_items_in_batch)
 
-        term = calibration_term(
+        self._log_calibration(mode, term, int(term.numel()), n_eligible, nll, mask)
+        return (loss, result[1]) if return_outputs else loss
+
+    def _select_tokens(self, inputs, known, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The loss tokens of the examples that get the calibration term: all, the known ones, or the online-known."""
+        if self.args.apply_to == "all":
+            return mask
+        if self.detector is not None:
+            return mask & self._online_flags(inputs, nll, mask)
+        return mask & (shifted(known, inputs) > 0.5)
+
+    def _vocabulary_term(self, model, inputs, hidden, out, selected: torch.Tensor) -> torch.Tensor:
+        """`L_method - NLL` over the whole vocabulary at every selected token (`calibration_space="vocabulary"`)."""
+        args = self.args
+        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
+        return calibration_term(
             args.calibration_loss,
             predicting(hidden, inputs)[selected] if hidden is not None else None,
             labels[selected],
@@ -248,19 +321,63 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             mbls_lambda=args.mbls_lambda,
             ecp_beta=args.ecp_beta,
         )
-        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        extra = args.calibration_weight * term.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        loss = loss + extra * self._loss_scale(num_items_in_batch)
 
-        n_sel, n_tok = selected.sum(), mask.sum()
-        self._log_mean(mode, "calib/known_fraction", n_sel, n_tok)
+    def _option_term(
+        self, model, inputs, hidden, selected: torch.Tensor, answers
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `L_method - NLL` on the softmax over the option letters at the answer token of each selected example
+        (`calibration_space="options"`), and the number of answers in the batch.
+        """
+        if answers is None:  # an eval batch without `choices`
+            zero = hidden.new_zeros(0, dtype=torch.float32)
+            return zero, torch.zeros((), device=hidden.device)
+        at = shifted(answers, inputs) > 0
+        picked = at & selected
+        option_logits, num_choices = self._option_logits(
+            model, predicting(hidden, inputs)[picked], shifted(answers, inputs)[picked]
+        )
+        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
+        target = (labels[picked][:, None] == self._option_index.to(labels.device)[None, :]).long().argmax(-1)
+        args = self.args
+        term = option_calibration_term(
+            args.calibration_loss,
+            option_logits,
+            num_choices,
+            target,
+            ls_epsilon=args.ls_epsilon,
+            mbls_margin=args.mbls_margin,
+            mbls_lambda=args.mbls_lambda,
+            ecp_beta=args.ecp_beta,
+        )
+        return term, at.sum()
+
+    def _option_logits(self, model, hidden: torch.Tensor, num_choices: torch.Tensor):
+        """
+        float32 logits of the option letters at the given answer positions, from the `K` option rows of the LM head
+        only (`K x hidden` per answer), and each row's number of options.
+        """
+        weight, bias, gather = full_lm_head_params(unwrap_base(model).get_output_embeddings())
+        with gather:
+            z = project_logits(hidden, weight, bias, self._head_transform, rows=self._option_index.to(hidden.device))
+        return z, num_choices.long()
+
+    @property
+    def _option_index(self) -> torch.Tensor:
+        """The option letters' token ids, as a tensor (set when the answers were located)."""
+        return torch.tensor(self._option_ids)
+
+    def _log_calibration(self, mode, term, n_selected, n_eligible, nll, mask) -> None:
+        """`calib/` metrics of this step, reduced over processes."""
+        args = self.args
+        n_tok = mask.sum()
+        device = nll.device
+        self._log_mean(mode, "calib/known_fraction", torch.tensor(float(n_selected), device=device), n_eligible)
         self._log_mean(mode, "calib/nll", (nll * mask).sum(), n_tok)
         self._log_mean(mode, "calib/calibration_term", args.calibration_weight * term.detach().sum(), n_tok)
         if self.detector is not None and mode == "train":
             self._metrics[mode]["calib/threshold"].append(float(self.detector.threshold))
             self._metrics[mode]["calib/detection_accuracy"].append(self.detector.last_report.detection_accuracy)
-        loss = self._guard_nonfinite(loss, model)
-        return (loss, result[1]) if return_outputs else loss
 
     def _online_flags(self, inputs, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-token known flags from each example's answer NLL in this very batch."""

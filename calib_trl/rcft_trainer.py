@@ -4,23 +4,13 @@ import numpy as np
 import torch
 
 from .calib_sft_trainer import CalibSFTTrainer
-from .losses import confidence_bins, full_lm_head_params, rcft_ece_loss
-from .mcq import (
-    LETTERS,
-    OptionTokenLookup,
-    _common_prefix,
-    score_multiple_choice,
-    tokenize_prompt,
-    tokenize_prompt_completion,
-    validate_mcq_dataset,
-)
+from .losses import confidence_bins, rcft_ece_loss
+from .mcq import score_multiple_choice, validate_mcq_dataset
 from .metrics import calibration_report
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
-from .trainer_utils import predicting, shifted, unwrap_base
+from .trainer_utils import ANSWER_COLUMN, predicting, shifted
 from .utils import logger
-
-ANSWER_COLUMN = "answer_options"
 
 
 class RCFTTrainer(CalibSFTTrainer):
@@ -99,9 +89,9 @@ class RCFTTrainer(CalibSFTTrainer):
 
     def _columns_to_carry(self, args) -> tuple[tuple[str, ...], tuple[str, ...]]:
         # The prompt/completion/choices columns ride along through TRL's maps; `_post_tokenize` uses them to locate
-        # the answer, and writes the per-token `answer_options` column the collator carries
+        # the answer, and writes the per-token `answer_num_choices` column the collator carries
         carried, flags = super()._columns_to_carry(args)
-        return (*carried, "choices"), (*flags, ANSWER_COLUMN)
+        return tuple(dict.fromkeys((*carried, "choices"))), tuple(dict.fromkeys((*flags, ANSWER_COLUMN)))
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if formatting_func is not None:
@@ -121,102 +111,41 @@ class RCFTTrainer(CalibSFTTrainer):
         super()._on_rows_dropped(dropped, total, args, dataset_name)
         self._excluded_rows += dropped
 
+    def _answer_terms(self) -> str:
+        if self._space == "options":
+            return "RCFT's ECE term and the option-letter calibration term"
+        return "RCFT's ECE term"
+
     def _post_tokenize(self, dataset, processing_class, args, dataset_name):
         dataset = super()._post_tokenize(dataset, processing_class, args, dataset_name)
-        tok = getattr(processing_class, "tokenizer", processing_class)
-        k_max = max(len(c) for c in dataset["choices"])
-        lookup = OptionTokenLookup(tok, k_max, self.chat_template)
-        if args.packing and args.packing_strategy != "bfd":
-            raise ValueError(
-                f"RCFT needs each question whole: `packing_strategy={args.packing_strategy!r}` can cut a question off "
-                "its answer. Use `packing_strategy='bfd'`."
-            )
-        keep_end = args.truncation_mode == "keep_end" and args.max_length is not None and not args.packing
-        # With packing, preparation skips truncation and bfd packing keeps the first `max_length` tokens
-        limit = args.max_length if args.packing and args.max_length is not None else None
-        markers, problems = [], []
-        option_ids = self._option_ids
-        for i, row in enumerate(dataset.select_columns(["prompt", "completion", "choices", "answer", "input_ids"])):
-            ids = row["input_ids"]
-            prompt_ids = tokenize_prompt(tok, row["prompt"], self.chat_template)
-            full = tokenize_prompt_completion(tok, row["prompt"], row["completion"], self.chat_template)
-            start = _common_prefix(prompt_ids, full)
-            position = start - (len(full) - len(ids)) if keep_end else start
-            letters = lookup(row["prompt"], prompt_ids, row["completion"])
-            if option_ids is None:
-                option_ids = letters
-            elif letters[: len(option_ids)] != option_ids[: len(letters)]:
-                raise ValueError(
-                    f"Row {i} of the {dataset_name} dataset ends its prompt differently from the first row, so its "
-                    "option letters map to other tokens; RCFT needs one prompt format per dataset."
-                )
-            k = len(row["choices"])
-            answer = (
-                row["answer"] if isinstance(row["answer"], int) else LETTERS.index(str(row["answer"]).strip().upper())
-            )
-            marker = [0] * len(ids)
-            kept = len(ids) if limit is None else min(len(ids), limit)
-            if not 0 <= position < kept:
-                problems.append(
-                    (
-                        i,
-                        f"its answer position ({position}) is outside the {kept} tokens kept "
-                        f"(`max_length={args.max_length}` cuts it off)",
-                    )
-                )
-            elif ids[position] != letters[answer]:
-                problems.append(
-                    (
-                        i,
-                        f"its completion starts with {tok.decode([ids[position]])!r} instead of the answer "
-                        f"letter {LETTERS[answer]!r}",
-                    )
-                )
-            else:
-                marker[position] = k
-            markers.append(marker)
-        if problems:
-            i, why = problems[0]
-            if args.invalid_rows == "raise":
-                raise ValueError(
-                    f"Row {i} of the {dataset_name} dataset cannot get RCFT's ECE term: {why}. "
-                    f"{len(problems)} row(s) are affected; fix them, or set `invalid_rows='exclude'` to train them "
-                    "with the SFT loss only."
-                )
-            logger.warning(
-                "%d row(s) of the %s dataset are excluded from the ECE term (first: row %d, %s).",
-                len(problems),
-                dataset_name,
-                i,
-                why,
-            )
-            self._excluded_rows += len(problems)
-        self._option_ids = option_ids
-        return dataset.add_column(ANSWER_COLUMN, markers)
+        if ANSWER_COLUMN in dataset.column_names:  # located already for CogCalib's option-space term
+            return dataset
+        return self._locate_answers(dataset, processing_class, args, dataset_name, invalid_rows=args.invalid_rows)
 
     # -- loss ----------------------------------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        answers = inputs.pop(ANSWER_COLUMN, None)
+        answers = inputs.get(ANSWER_COLUMN)  # `CalibSFTTrainer._compute_loss` pops it
         if answers is None:
             raise KeyError(
                 f"The batch has no `{ANSWER_COLUMN}` tensor; use `calib_trl.DataCollatorWithKnowledgeFlags`."
             )
         if not self._rcft_active:  # CFT
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super()._compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._bin_stats is None or (mode == "train" and self._estep_due()):
             self._estep(model)
         args = self.args
         with self._capture.capture():
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = super()._compute_loss(model, inputs, return_outputs, num_items_in_batch)
             hidden = self._capture.hidden
             n_tokens = self._capture.output.label_mask.sum()
             base = result[0] if return_outputs else result
             at = shifted(answers, inputs) > 0
-            probs, num_choices = self._option_probs(
+            option_logits, num_choices = self._option_logits(
                 model, predicting(hidden, inputs)[at], shifted(answers, inputs)[at]
             )
+            probs = _option_softmax(option_logits, num_choices)
         conf = probs.detach().max(-1).values
         bins = confidence_bins(conf, args.n_bins)
         accuracy = self._bin_stats["accuracy"].to(conf.device)[bins]
@@ -237,25 +166,7 @@ class RCFTTrainer(CalibSFTTrainer):
             self._metrics[mode][f"rcft/{key}"] = [stats[key]]
         if self._excluded_rows:
             self._metrics[mode]["rcft/excluded_rows"] = [self._excluded_rows]
-        loss = self._guard_nonfinite(loss, model)
         return (loss, result[1]) if return_outputs else loss
-
-    def _option_probs(self, model, hidden: torch.Tensor, num_choices: torch.Tensor):
-        """Softmax over the option-letter logits at the answer positions: only `K` rows of the LM head are used."""
-        lm_head = unwrap_base(model).get_output_embeddings()
-        weight, bias, ctx = full_lm_head_params(lm_head)
-        ids = torch.tensor(self._option_ids, device=hidden.device)
-        with ctx:  # K rows only: in float32, so that bf16 does not round the option logits before the softmax
-            y = hidden.float() @ weight[ids].float().t()
-            if bias is not None:
-                y = y + bias[ids].float()
-        z = y * self._head_transform["logit_scale"]
-        if self._head_transform["softcap"] is not None:
-            cap = self._head_transform["softcap"]
-            z = cap * torch.tanh(z / cap)
-        num_choices = num_choices.long()
-        valid = torch.arange(len(ids), device=z.device)[None, :] < num_choices[:, None]
-        return z.masked_fill(~valid, float("-inf")).softmax(-1), num_choices
 
     # -- E-step --------------------------------------------------------------------------------------------------
 
@@ -349,3 +260,9 @@ class RCFTTrainer(CalibSFTTrainer):
         if a.calibrates:
             settings.update(super()._card_settings())
         return settings
+
+
+def _option_softmax(option_logits: torch.Tensor, num_choices: torch.Tensor) -> torch.Tensor:
+    """Softmax over each row's own options (the columns beyond its `num_choices` get probability 0)."""
+    valid = torch.arange(option_logits.shape[1], device=option_logits.device)[None, :] < num_choices[:, None]
+    return option_logits.masked_fill(~valid, float("-inf")).softmax(-1)

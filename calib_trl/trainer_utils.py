@@ -3,7 +3,8 @@
 - `ForwardCapture`: the fused LM head's output and the backbone's last hidden state of the training forward, read
   through forward hooks, so the trainers reuse `SFTTrainer.compute_loss` unchanged and add their term on top.
 - `CalibrationTrainerMixin`: carrying extra per-example columns through TRL's dataset preparation (including packing,
-  where TRL keeps only `input_ids` and `labels`), the flag collator, checkpointed trainer state, NaN/inf handling.
+  where TRL keeps only `input_ids` and `labels`), the answer position of multiple-choice rows, the flag collator,
+  checkpointed trainer state, NaN/inf handling.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import FusedCausalLMOutput
 
 from .collator import DataCollatorWithKnowledgeFlags, _as_number
+from .mcq import LETTERS, OptionTokenLookup, normalize_answer, template_kwargs
 from .utils import logger
 
 STATE_FILE = "calib_trl_state.json"
+
+# Per-token column marking each multiple-choice row's answer token with the row's number of options (0 elsewhere):
+# where RCFT and the option-space calibration terms read the option-letter logits
+ANSWER_COLUMN = "answer_num_choices"
 
 
 def unwrap_base(model):
@@ -203,6 +209,101 @@ class CalibrationTrainerMixin:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
 
+    def _locate_answers(self, dataset, processing_class, args, dataset_name: str, invalid_rows: str = "raise"):
+        """
+        Add the per-token `ANSWER_COLUMN` to a tokenized multiple-choice dataset, and set `self._option_ids` (the token
+        of each option letter at the answer position).
+
+        The answer token is read off `SFTTrainer`'s own tokenization: the first completion token, i.e. the first token
+        with a label (completion-only loss) or the first one of `completion_mask` (which TRL keeps when the loss also
+        covers the prompt), so tools and `chat_template_kwargs` are accounted for exactly as in training. It must be
+        the right option's letter. Rows where it is not, or where truncation cut it off, raise a `ValueError` naming
+        the row, or with `invalid_rows="exclude"` get no answer mark (they keep their cross-entropy) and are counted
+        in `self._excluded_rows`.
+        """
+        tok = getattr(processing_class, "tokenizer", processing_class)
+        if args.packing and args.packing_strategy != "bfd":
+            raise ValueError(
+                f"Reading option-letter logits needs each question whole: `packing_strategy={args.packing_strategy!r}` "
+                "can cut a question off its answer. Use `packing_strategy='bfd'`."
+            )
+        columns = dataset.column_names
+        needed = ["prompt", "completion", "choices", "answer", "input_ids", "labels"]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise ValueError(
+                f"Locating the answer of each row of the {dataset_name} dataset needs prompt/completion rows with "
+                f"`choices` and `answer`; the prepared dataset lacks {missing}."
+            )
+        extra = [c for c in ("completion_mask", "tools", "chat_template_kwargs") if c in columns]
+        lookup = OptionTokenLookup(tok, max(len(c) for c in dataset["choices"]), self.chat_template)
+        # With packing, preparation skips truncation and bfd packing keeps the first `max_length` tokens
+        limit = args.max_length if args.packing and args.max_length is not None else None
+        markers, problems = [], []
+        option_ids = getattr(self, "_option_ids", None)
+        for i, row in enumerate(dataset.select_columns(needed + extra)):
+            ids = row["input_ids"]
+            position = _first_completion_token(row, args.truncation_mode)
+            marker = [0] * len(ids)
+            kept = len(ids) if limit is None else min(len(ids), limit)
+            if position is None or not 0 <= position < kept:
+                markers.append(marker)
+                problems.append(
+                    (
+                        i,
+                        "it has no completion token"
+                        if position is None
+                        else f"its answer position ({position}) is "
+                        f"outside the {kept} tokens kept (`max_length={args.max_length}` cuts it off)",
+                    )
+                )
+                continue
+            letters = lookup(row["prompt"], ids[:position], row["completion"], template_kwargs(row))
+            if option_ids is None:
+                option_ids = letters
+            elif letters[: len(option_ids)] != option_ids[: len(letters)]:
+                raise ValueError(
+                    f"Row {i} of the {dataset_name} dataset ends its prompt differently from the first row, so its "
+                    "option letters map to other tokens; one prompt format per dataset is needed to read option "
+                    "logits."
+                )
+            k = len(row["choices"])
+            answer = normalize_answer(row["answer"], k, row=i)
+            if ids[position] != letters[answer]:
+                problems.append(
+                    (
+                        i,
+                        f"its completion starts with {tok.decode([ids[position]])!r} instead of the answer letter "
+                        f"{LETTERS[answer]!r}",
+                    )
+                )
+            else:
+                marker[position] = k
+            markers.append(marker)
+        if problems:
+            i, why = problems[0]
+            if invalid_rows == "raise":
+                raise ValueError(
+                    f"Row {i} of the {dataset_name} dataset cannot get {self._answer_terms()}: {why}. {len(problems)} "
+                    "row(s) are affected; fix them, or set `invalid_rows='exclude'` to train them with cross-entropy "
+                    "only."
+                )
+            logger.warning(
+                "%d row(s) of the %s dataset are excluded from %s (first: row %d, %s).",
+                len(problems),
+                dataset_name,
+                self._answer_terms(),
+                i,
+                why,
+            )
+            self._excluded_rows = getattr(self, "_excluded_rows", 0) + len(problems)
+        self._option_ids = option_ids
+        return dataset.add_column(ANSWER_COLUMN, markers)
+
+    def _answer_terms(self) -> str:
+        """The loss terms that read the option letters at the answer, for messages."""
+        return "the option-letter calibration term"
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         for column in self._flag_columns:  # the carried-only columns have served their purpose by now
@@ -224,6 +325,7 @@ class CalibrationTrainerMixin:
             )
         elif isinstance(collator, DataCollatorWithKnowledgeFlags):
             collator.flag_columns = tuple(dict.fromkeys((*collator.flag_columns, *columns)))
+            collator.required = collator.required or required
         else:
             logger.warning(
                 "A custom data collator is in use: it must return the %s column(s) as per-token tensors (see "
@@ -306,6 +408,22 @@ class CalibrationTrainerMixin:
             else:
                 logger.warning("%s has no %s: calib-trl state starts afresh.", checkpoint, STATE_FILE)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def _first_completion_token(row: dict, truncation_mode: str) -> int | None:
+    """
+    Index in `input_ids` of the first completion token of a row prepared by `SFTTrainer`, or `None` when it has no
+    completion. TRL truncates `input_ids` and `labels` but not a `completion_mask` it leaves in place, so an index
+    read off that mask can lie outside the kept tokens (at or beyond their end, or negative with `keep_end`).
+    """
+    mask = row.get("completion_mask")
+    if mask is None:
+        return next((i for i, label in enumerate(row["labels"]) if label != -100), None)
+    first = next((i for i, m in enumerate(mask) if m), None)
+    cut = len(mask) - len(row["input_ids"])
+    if first is not None and truncation_mode == "keep_end" and cut > 0:
+        first -= cut
+    return first
 
 
 def _json_default(value):

@@ -7,6 +7,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer
+from calib_trl.trainer_utils import ANSWER_COLUMN
 
 MODES = {
     "padded": dict(max_length=1024),
@@ -255,3 +256,167 @@ def test_evaluate_reports_the_calibrated_loss(tmp_path):
         ref = reference_loss(trainer.model.eval(), batch, args, num_items)
     assert metrics["eval_loss"] == pytest.approx(ref.item(), rel=1e-5)
     assert 0 < metrics["eval_calib/known_fraction"] < 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# calibration_space="options": the terms on the softmax over the option letters at the answer token
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def option_reference_loss(model, batch, args, num_items, option_ids, known=None):
+    """
+    The option-space loss from the full `[B, T, V]` logits: cross-entropy on every token, plus, at the answer token of
+    each selected example, `calibration_weight * (L_method - NLL)` on the softmax over that row's option letters.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "known", ANSWER_COLUMN)}
+    logits = model(**inputs, use_cache=False).logits.float()[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = logits.log_softmax(-1)
+    per_token = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    answers = batch[ANSWER_COLUMN][:, 1:]
+    if known is None:
+        known = batch["known"][:, 1:] > 0.5 if args.apply_to == "known" else torch.ones_like(mask)
+    picked = (answers > 0) & known & mask
+    assert picked.any()
+    terms = []
+    for r, t in picked.nonzero().tolist():
+        k = int(answers[r, t])
+        z = logits[r, t, option_ids[:k]]
+        y = option_ids.index(int(labels[r, t]))
+        lp = z.log_softmax(-1)
+        if args.calibration_loss == "ls":
+            method = (1 - args.ls_epsilon) * -lp[y] + args.ls_epsilon * (-lp).mean()
+            term = method - -lp[y]
+        elif args.calibration_loss == "mbls":
+            term = args.mbls_lambda * (z.max() - z - args.mbls_margin).clamp(min=0).mean()
+        else:
+            term = args.ecp_beta * (lp.exp() * lp).sum()
+        terms.append(((r, t), term))
+    extra = torch.zeros_like(per_token)
+    for (r, t), term in terms:
+        extra = extra.index_put((torch.tensor([r]), torch.tensor([t])), term.reshape(1), accumulate=True)
+    per_token = per_token + args.calibration_weight * extra
+    return (per_token * mask).sum() / num_items
+
+
+def mixed_choices_dataset(n=12, seed=1):
+    """Rows with 4 options and rows with 3, so that the softmax over each row's own options is exercised."""
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets(
+        [
+            make_mcq_dataset(n // 2, seed=seed, known=True),
+            make_mcq_dataset(n - n // 2, seed=seed + 50, num_choices=3, known=True),
+        ]
+    ).shuffle(seed=seed)
+
+
+def run_options(tmp_path, mode, peft=False, online=False, **kwargs):
+    tok = make_tokenizer()
+    data = mixed_choices_dataset()
+    model = make_model(len(tok), seed=3)
+    if online:
+        kwargs.update(detection="online")
+    kwargs.setdefault("per_device_train_batch_size", 8)  # enough rows to mix known and unknown, 3 and 4 options
+    args = config(tmp_path, mode, calibration_space="options", **kwargs)
+    trainer = CalibSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.remove_columns("known") if online else data,
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if peft else None,
+        calibration_dataset=make_mcq_dataset(16, seed=7) if online else None,
+    )
+    batch = first_batch(trainer)
+    assert batch[ANSWER_COLUMN].shape == batch["input_ids"].shape
+    model = trainer.model
+    model.train()
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
+    loss.backward()
+    fused = grads(model)
+    model.zero_grad()
+    known = None
+    if online:  # the flags online detection gives: the answer letter's NLL against the fitted threshold
+        with torch.no_grad():
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", ANSWER_COLUMN)}
+            logp = model(**inputs, use_cache=False).logits.float()[:, :-1].log_softmax(-1)
+        labels = batch["labels"][:, 1:]
+        nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        answers = batch[ANSWER_COLUMN][:, 1:] > 0
+        known = answers & (nll <= trainer.detector.threshold)
+        assert 0 < known.sum() < answers.sum(), "online detection must flag some answers known and some not"
+    ref = option_reference_loss(model, batch, args, num_items, list(trainer._option_ids), known=known)
+    ref.backward()
+    reference = grads(model)
+    model.zero_grad()
+    return loss, ref, fused, reference, batch
+
+
+def assert_matches(loss, ref, fused, reference):
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert fused.keys() == reference.keys()
+    for name in fused:
+        torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("method", ["ls", "mbls", "ecp"])
+def test_option_space_loss_and_gradients_match_full_logits_reference(tmp_path, mode, method):
+    loss, ref, fused, reference, batch = run_options(
+        tmp_path, mode, calibration_loss=method, mbls_margin=0.5, ls_epsilon=0.3, ecp_beta=0.7, calibration_weight=0.8
+    )
+    answers = batch[ANSWER_COLUMN] > 0
+    known = batch["known"][answers]
+    assert 0 < known.sum() < known.numel(), "the batch must mix known and unknown answers"
+    assert {3, 4} <= set(batch[ANSWER_COLUMN][answers].long().tolist()), "rows with 3 and 4 options"
+    assert "model.embed_tokens.weight" in fused
+    assert_matches(loss, ref, fused, reference)
+
+
+@pytest.mark.parametrize("apply_to", ["known", "all"])
+def test_option_space_with_lora_and_apply_to(tmp_path, apply_to):
+    assert_matches(*run_options(tmp_path, "padded", peft=True, calibration_loss="ecp", apply_to=apply_to)[:4])
+
+
+def test_option_space_with_online_detection(tmp_path):
+    # threshold fitted on a small calibration set of the same (tiny, random) model
+    assert_matches(*run_options(tmp_path, "padding_free", online=True, calibration_loss="ls")[:4])
+
+
+def test_option_space_leaves_the_letters_share_of_the_vocabulary_to_cross_entropy(tmp_path):
+    # Adding the same constant to every option logit changes no option-space term: their gradient along the
+    # direction "all option rows of the LM head together" is zero, so they cannot move mass off the letters.
+    from calib_trl.losses import option_calibration_term
+
+    z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([4, 4, 3, 3, 2, 4])
+    y = torch.tensor([0, 3, 1, 2, 1, 2])
+    for method in ("ls", "mbls", "ecp"):
+        term = option_calibration_term(method, z, k, y, ls_epsilon=0.4, mbls_margin=0.5, mbls_lambda=0.3, ecp_beta=1.5)
+        (grad,) = torch.autograd.grad(term.sum(), z)
+        valid = torch.arange(4)[None, :] < k[:, None]
+        torch.testing.assert_close((grad * valid).sum(-1), torch.zeros(6, dtype=torch.float64), msg=method)
+        assert (grad[~valid] == 0).all(), method  # options a row does not have get nothing
+
+
+def test_option_space_needs_multiple_choice_data(tmp_path):
+    from datasets import Dataset
+
+    tok = make_tokenizer()
+    data = Dataset.from_list([{"prompt": "2+2=", "completion": " 4", "known": True}] * 4)
+    with pytest.raises(ValueError, match=r"`calibration_space='options'` .* needs multiple-choice rows"):
+        CalibSFTTrainer(
+            model=make_model(len(tok)),
+            args=config(tmp_path, calibration_space="options"),
+            train_dataset=data,
+            processing_class=tok,
+        )
+    auto = CalibSFTTrainer(
+        model=make_model(len(tok)),
+        args=config(tmp_path, calibration_space="auto"),
+        train_dataset=data,
+        processing_class=tok,
+    )
+    assert auto._space == "vocabulary"

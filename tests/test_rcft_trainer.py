@@ -65,15 +65,15 @@ def test_cft_equals_completion_only_sft(tmp_path):
 
 
 def reference(model, batch, option_ids, bin_accuracy, args, num_items):
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_options")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_num_choices")}
     logits = model(**inputs, use_cache=False).logits.float()
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     logp = logits[:, :-1].log_softmax(-1)
     nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     sft = (nll * mask).sum() / num_items
-    rows, cols = (batch["answer_options"] > 0).nonzero(as_tuple=True)
-    ks = batch["answer_options"][rows, cols].long()
+    rows, cols = (batch["answer_num_choices"] > 0).nonzero(as_tuple=True)
+    ks = batch["answer_num_choices"][rows, cols].long()
     option_logits = logits[rows, cols - 1][:, option_ids]
     probs = torch.stack(
         [
@@ -121,8 +121,8 @@ def test_ece_term_matches_full_logits_reference(tmp_path, padding_free):
     trainer._bin_stats = {"accuracy": accuracy, "estep_accuracy": 0.0, "estep_ece": 0.0, "estep_cw_ece": 0.0}
     trainer._estep_marker = 0
     batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["answer_options"].shape == batch["input_ids"].shape
-    assert sorted(batch["answer_options"][batch["answer_options"] > 0].tolist()) != []
+    assert batch["answer_num_choices"].shape == batch["input_ids"].shape
+    assert sorted(batch["answer_num_choices"][batch["answer_num_choices"] > 0].tolist()) != []
     model = trainer.model
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
@@ -151,7 +151,7 @@ def test_invalid_rows_raise_or_are_excluded(tmp_path):
         processing_class=tok,
     )
     assert trainer._excluded_rows == 1
-    markers = [sum(1 for v in row if v > 0) for row in trainer.train_dataset["answer_options"]]
+    markers = [sum(1 for v in row if v > 0) for row in trainer.train_dataset["answer_num_choices"]]
     assert markers.count(0) == 1 and markers.count(1) == 7
 
 
