@@ -7,19 +7,23 @@ import os
 from transformers import TrainerCallback
 
 from .mcq import score_multiple_choice, validate_mcq_dataset
-from .metrics import calibration_report, reliability_diagram_data
+from .metrics import reliability_diagram_data
 
-REPORTED = ("accuracy", "mean_confidence", "ece", "cw_ece", "brier", "nll")
+REPORTED = ("accuracy", "mean_confidence", "ece", "smooth_ece", "cw_ece", "brier", "nll", "answer_mass", "lm_nll")
 
 
 class CalibrationCallback(TrainerCallback):
     """
     Evaluates the calibration of the model on a multiple-choice dataset every `eval_steps` optimizer steps, at the end
-    of every epoch and at the end of training, logs accuracy, ECE, class-wise ECE, Brier, NLL and mean confidence
-    through the trainer's loggers (so every `report_to` integration receives them, under
+    of every epoch and at the end of training, logs accuracy, ECE, smooth ECE, class-wise ECE, Brier, NLL and mean
+    confidence through the trainer's loggers (so every `report_to` integration receives them, under
     `calibration/{name}/...`), saves the reliability diagram as a PNG, and records the report for the model card.
+    Beside them it logs what calibration may cost elsewhere: `answer_mass`, the full-vocabulary probability of the
+    option letters at the answer position, and `lm_nll`, the NLL of the evaluation prompts' own text (see
+    `calib_trl.mcq.score_multiple_choice`).
 
-    Scoring reads the option-letter logits at the answer position only (`logits_to_keep=1`). Under
+    Scoring reads the option-letter logits at the answer position (`logits_to_keep=1`) and projects the prompts'
+    text tokens through the LM head once for `lm_nll`. Under
     `accelerate launch` each process scores its share of the rows and the probabilities are gathered, so no process
     repeats another's work; the diagram is written by the main process.
 
@@ -79,8 +83,9 @@ class CalibrationCallback(TrainerCallback):
             progress=not trainer.args.disable_tqdm,
             shard=True,
             chat_template=getattr(trainer, "chat_template", None),
+            lm_check=True,
         )
-        report = calibration_report(scores.probs, scores.labels, n_bins=self.n_bins)
+        report = scores.report(n_bins=self.n_bins)
         step = trainer.state.global_step
         self._last_step = step
         diagram = None

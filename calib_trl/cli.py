@@ -81,7 +81,21 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | None = N
 
 def format_table(
     rows: dict[str, dict],
-    keys=("accuracy", "mean_confidence", "ece", "ece_equal_mass", "cw_ece", "mce", "brier", "nll", "auroc"),
+    keys=(
+        "accuracy",
+        "mean_confidence",
+        "ece",
+        "smooth_ece",
+        "ece_equal_mass",
+        "cw_ece",
+        "mce",
+        "brier",
+        "nll",
+        "auroc",
+        "answer_mass",
+        "lm_nll",
+        "temperature",
+    ),
 ) -> str:
     """A markdown table: one row per named report."""
     header = "| | " + " | ".join(keys) + " |"
@@ -97,13 +111,35 @@ def format_table(
 
 def cmd_evaluate(args) -> dict:
     from .mcq import score_multiple_choice
-    from .metrics import calibration_report, reliability_diagram_data
+    from .metrics import reliability_diagram_data
     from .plotting import plot_reliability_diagram
+    from .temperature_scaling import apply_temperature, fit_temperature
 
     data = load_mcq_dataset(args.dataset, args.split, args.max_samples, args.seed)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    scores = score_multiple_choice(model, tokenizer, data, batch_size=args.batch_size, desc=f"Scoring {args.split}")
-    report = calibration_report(scores.probs, scores.labels, n_bins=args.n_bins)
+    scores = score_multiple_choice(
+        model, tokenizer, data, batch_size=args.batch_size, desc=f"Scoring {args.split}", lm_check=True
+    )
+    report = scores.report(n_bins=args.n_bins)
+    rows = {f"{args.model} / {args.split}": report}
+    temperature = None
+    if args.temperature is not None:
+        if args.temperature == "auto":
+            held_out = load_mcq_dataset(args.dataset, args.calibration_split, args.max_calibration_samples, args.seed)
+            fit = score_multiple_choice(
+                model, tokenizer, held_out, batch_size=args.batch_size, desc=f"Scoring {args.calibration_split}"
+            )
+            temperature = fit_temperature(fit.logits, fit.labels)
+            print(f"Temperature fitted on {args.calibration_split} ({len(held_out)} rows): T = {temperature:.4f}")
+        else:
+            try:
+                temperature = float(args.temperature)
+            except ValueError:
+                raise ValueError(f"--temperature must be `auto` or a number > 0, got {args.temperature!r}.") from None
+            if not temperature > 0:
+                raise ValueError(f"--temperature must be `auto` or a number > 0, got {args.temperature!r}.")
+        scaled = scores.report(n_bins=args.n_bins, temperature=temperature)
+        rows[f"{args.model} / {args.split}, T={temperature:.3g}"] = scaled
     os.makedirs(args.output_dir, exist_ok=True)
     diagram = os.path.join(args.output_dir, "reliability_diagram.png")
     data_rd = reliability_diagram_data(scores.confidences, scores.correct, n_bins=args.n_bins)
@@ -116,10 +152,20 @@ def cmd_evaluate(args) -> dict:
         "report": report,
         "reliability_diagram": data_rd,
     }
+    if temperature is not None:
+        probs = apply_temperature(scores.logits, temperature)
+        out["temperature_scaled"] = {
+            "temperature": temperature,
+            "fitted_on": args.calibration_split if args.temperature == "auto" else None,
+            "report": rows[f"{args.model} / {args.split}, T={temperature:.3g}"],
+            "reliability_diagram": reliability_diagram_data(
+                probs.max(1), probs.argmax(1) == scores.labels, args.n_bins
+            ),
+        }
     path = os.path.join(args.output_dir, "calibration.json")
     with open(path, "w") as f:
         json.dump(json_safe(out), f, indent=2)
-    print(format_table({f"{args.model} / {args.split}": report}))
+    print(format_table(rows))
     print(f"\nWrote {path} and {diagram}")
     return out
 
@@ -197,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(ev)
     ev.add_argument("--split", default="test")
     ev.add_argument("--n-bins", type=int, default=10)
+    ev.add_argument(
+        "--temperature",
+        default=None,
+        help="Also report calibration after temperature scaling: `auto` fits T on --calibration-split (by NLL), a "
+        "number applies that T.",
+    )
+    ev.add_argument("--calibration-split", default="calibration", help="Split `--temperature auto` is fitted on.")
+    ev.add_argument("--max-calibration-samples", type=int, default=None)
     ev.add_argument("--output-dir", default="outputs/evaluate")
     ev.set_defaults(func=cmd_evaluate)
 

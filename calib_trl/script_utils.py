@@ -14,7 +14,7 @@ from .callbacks import CalibrationCallback
 from .cli import format_table, load_mcq_dataset
 from .defaults import resolve_model_name_or_path
 from .mcq import score_multiple_choice
-from .metrics import calibration_report, reliability_diagram_data
+from .metrics import reliability_diagram_data
 from .plotting import plot_reliability_diagrams
 from .utils import json_safe
 
@@ -69,10 +69,10 @@ def evaluate_splits(model, tokenizer, splits, batch_size):
 
 
 def evaluate(model, tokenizer, data, batch_size):
-    scores = score_multiple_choice(model, tokenizer, data, batch_size=batch_size, desc="Evaluating", shard=True)
-    return calibration_report(scores.probs, scores.labels), reliability_diagram_data(
-        scores.confidences, scores.correct
+    scores = score_multiple_choice(
+        model, tokenizer, data, batch_size=batch_size, desc="Evaluating", shard=True, lm_check=True
     )
+    return scores.report(), reliability_diagram_data(scores.confidences, scores.correct)
 
 
 def load_splits(script_args):
@@ -122,7 +122,7 @@ def finish(trainer, tokenizer, splits, before, script_args, method):
             rows[f"{method} / {split}"] = after[name][0]
             panels[f"base ({split})"] = before[name][1]
             panels[f"{method} ({split})"] = after[name][1]
-        keys = ("accuracy", "mean_confidence", "ece", "cw_ece", "brier")
+        keys = ("accuracy", "mean_confidence", "ece", "smooth_ece", "cw_ece", "brier", "answer_mass", "lm_nll")
         print("\n" + format_table(rows, keys))
         figure = os.path.join(out, "reliability_before_after.png")
         plot_reliability_diagrams(panels, path=figure, suptitle=f"{method}: before and after fine-tuning")

@@ -128,3 +128,30 @@ def test_hub_id_offline_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["evaluate", "--model", "someone/some-model", "--max-samples", "2"]) == 2
     assert "offline" in capsys.readouterr().err
+
+
+def test_evaluate_with_temperature_scaling(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    from calib_trl.temperature_scaling import fit_temperature
+
+    out = tmp_path / "ts"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--output-dir", str(out)]
+    assert main([*argv, "--temperature", "auto"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "calibration.json").read_text())
+    data = load_from_disk(str(tiny_dataset_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    held_out = score_multiple_choice(model, make_tokenizer(), data["calibration"], progress=False)
+    t = fit_temperature(held_out.logits, held_out.labels)
+    scaled = result["temperature_scaled"]
+    assert scaled["temperature"] == pytest.approx(t) and scaled["fitted_on"] == "calibration"
+    test = score_multiple_choice(model, make_tokenizer(), data["test"], progress=False, lm_check=True)
+    for key, value in test.report(temperature=t).items():
+        assert scaled["report"][key] == pytest.approx(value), key
+    assert result["report"]["answer_mass"] == pytest.approx(test.report()["answer_mass"])
+    assert result["report"]["lm_nll"] == pytest.approx(test.lm_nll)
+    assert f"T={t:.3g}" in printed and "answer_mass" in printed and "lm_nll" in printed
+    assert main([*argv, "--temperature", "0.5"]) == 0
+    assert json.loads((out / "calibration.json").read_text())["temperature_scaled"]["temperature"] == 0.5
+    capsys.readouterr()
+    assert main([*argv, "--temperature", "warm"]) == 2
+    assert "--temperature must be `auto` or a number > 0, got 'warm'" in capsys.readouterr().err
