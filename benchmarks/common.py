@@ -10,11 +10,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
 
-def save_json(name: str, payload: dict) -> str:
+def save_json(name: str, payload: dict, indent: int | None = 2) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, indent=indent)
     return path
 
 
