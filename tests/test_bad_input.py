@@ -425,6 +425,51 @@ def test_nonfinite_loss_from_an_infinite_weight(tmp_path, tok):
         trainer.train()
 
 
+def _infinite_norm(model):
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    return model
+
+
+@pytest.mark.parametrize(
+    "trainer_class,settings",
+    [
+        (CalibSFTTrainer, dict(calibration_loss="none")),  # plain SFT: the early path of the loss
+        (CalibSFTTrainer, dict(apply_to="none")),
+        (RCFTTrainer, dict(ece_weight=0.0)),  # CFT
+    ],
+)
+def test_nonfinite_loss_is_caught_with_calibration_off(tmp_path, tok, trainer_class, settings):
+    make_config = rcft_config if trainer_class is RCFTTrainer else calib_config
+    trainer = trainer_class(
+        model=_infinite_norm(make_model(len(tok))),
+        args=make_config(tmp_path, max_steps=1, **settings),
+        train_dataset=make_mcq_dataset(4),
+        processing_class=tok,
+    )
+    with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 0"):
+        trainer.train()
+
+
+def test_nonfinite_guard_runs_once_per_micro_batch_when_rcft_and_cogcalib_combine(tmp_path, tok, monkeypatch):
+    calls = []
+    guard = RCFTTrainer._guard_nonfinite
+
+    def counting(self, loss, model):
+        calls.append(self.state.global_step)
+        return guard(self, loss, model)
+
+    monkeypatch.setattr(RCFTTrainer, "_guard_nonfinite", counting)
+    trainer = RCFTTrainer(
+        model=make_model(len(tok)),
+        args=rcft_config(tmp_path, max_steps=2, gradient_accumulation_steps=2, calibration_loss="ecp"),
+        train_dataset=make_mcq_dataset(8, known=True),
+        processing_class=tok,
+    )
+    trainer.train()
+    assert calls == [0, 0, 1, 1]  # 2 steps of 2 micro-batches
+
+
 def test_nonfinite_rcft_loss_raises_or_is_skipped(tmp_path, tok, monkeypatch):
     _nan_at_call(monkeypatch, calib_trl.rcft_trainer, "rcft_ece_loss", {0, 1})  # each trainer's first step
     trainer = RCFTTrainer(

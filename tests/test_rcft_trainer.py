@@ -197,3 +197,28 @@ def test_estep_statistics_and_schedule(tmp_path):
     trainer.estimate_bins = lambda model=None: calls.append(trainer.state.global_step) or original(model)
     trainer.train()
     assert calls == [0, 2, 4]
+
+
+def test_answer_positions_follow_trls_tokenization_with_chat_template_kwargs(tmp_path):
+    # A template that renders a per-row note: SFTTrainer passes the row's `chat_template_kwargs`, so the answer must be
+    # located in SFTTrainer's tokens, not in a re-tokenization that leaves the note out
+    from helpers import CHAT_TEMPLATE
+
+    from calib_trl.mcq import LETTERS
+    from calib_trl.trainer_utils import ANSWER_COLUMN
+
+    tok = make_tokenizer()
+    tok.chat_template = "{% if note is defined %}{{ '[' + note + ']\n' }}{% endif %}" + CHAT_TEMPLATE
+    data = make_mcq_dataset(6, seed=3)
+    data = data.add_column("chat_template_kwargs", [{"note": "x" * (5 + 7 * i)} for i in range(len(data))])
+    trainer = RCFTTrainer(
+        model=make_model(len(tok)), args=config(tmp_path, max_steps=1), train_dataset=data, processing_class=tok
+    )
+    letters = {LETTERS[k]: tok.convert_tokens_to_ids(LETTERS[k]) for k in range(4)}
+    prepared = trainer.train_dataset
+    for i, row in enumerate(prepared):
+        marks = [p for p, k in enumerate(row[ANSWER_COLUMN]) if k]
+        assert marks == [row["labels"].index(next(t for t in row["labels"] if t != -100))]
+        assert row["input_ids"][marks[0]] == letters[LETTERS[data[i]["answer"]]]
+        assert "[" + "x" * (5 + 7 * i) + "]" in tok.decode(row["input_ids"])  # the note is in the trained tokens
+    trainer.train()
