@@ -83,17 +83,24 @@ def run_both(tmp_path, mode, peft=False, **kwargs):
     else:  # nothing to carry
         assert "known" not in batch
     model = trainer.model
+    loss, fused, num_items = trainer_loss_and_grads(trainer, batch)
+    ref = reference_loss(model, batch, args, num_items)
+    ref.backward()
+    reference = grads(model)
+    model.zero_grad()
+    return loss, ref, fused, reference, batch
+
+
+def trainer_loss_and_grads(trainer, batch):
+    """The trainer's loss on one batch (normalised by its completion tokens) and the gradients it gives."""
+    model = trainer.model
     model.train()
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
     loss.backward()
     fused = grads(model)
     model.zero_grad()
-    ref = reference_loss(model, batch, args, num_items)
-    ref.backward()
-    reference = grads(model)
-    model.zero_grad()
-    return loss, ref, fused, reference, batch
+    return loss, fused, num_items
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -331,12 +338,7 @@ def run_options(tmp_path, mode, peft=False, online=False, **kwargs):
     batch = first_batch(trainer)
     assert batch[ANSWER_COLUMN].shape == batch["input_ids"].shape
     model = trainer.model
-    model.train()
-    num_items = int((batch["labels"][:, 1:] != -100).sum())
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
-    loss.backward()
-    fused = grads(model)
-    model.zero_grad()
+    loss, fused, num_items = trainer_loss_and_grads(trainer, batch)
     known = None
     if online:  # the flags online detection gives: the answer letter's NLL against the fitted threshold
         with torch.no_grad():
