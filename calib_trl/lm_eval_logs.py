@@ -139,14 +139,17 @@ def read_lm_eval(path: str | os.PathLike, n_bins: int = 10, progress: bool = Tru
             logger.warning("%s: reading the newest run of %s, %s; ignoring %s.", file.parent, task, file, newest[task])
         newest[task] = file
 
-    runs = []
+    runs, results_of = [], {}  # (directory, date) -> the results JSON, read once for all of a run's tasks
     bar = tqdm(
         total=sum(len(tasks) for tasks in by_dir.values()), desc="Reading lm-eval samples", disable=not progress
     )
     for directory, tasks in by_dir.items():
         run = LmEvalRun(model=directory.name, path=str(directory))
         for task, file in tasks.items():
-            results = _results_json(file)
+            key = (directory, _SAMPLES_NAME.match(file.name)["date"])
+            if key not in results_of:
+                results_of[key] = _results_json(file)
+            results = results_of[key]
             if results.get("model_name"):
                 run.model = str(results["model_name"])
             for name, outcome in _read_task(file, task, results, n_bins).items():
