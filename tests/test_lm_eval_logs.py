@@ -255,6 +255,17 @@ def test_mutual_info_layout_uses_the_conditional_half(tmp_path):
     assert report["n"] == 1 and report["mean_confidence"] == pytest.approx(1 / (1 + math.exp(-2.0)))
 
 
+def test_each_filter_is_a_task_of_its_own(tmp_path):
+    first = mc_sample(0, [-1.0, -2.0], ["a", "b"], "0")
+    second = {**mc_sample(0, [-2.0, -1.0], ["a", "b"], "0"), "filter": "strict"}
+    reports = from_lm_eval(write_log(tmp_path, "two_filters", [first, second]))
+    assert set(reports) == {"two_filters,none", "two_filters,strict"}
+    assert (
+        reports["two_filters,none"]["acc"]["accuracy"] == 1.0
+        and reports["two_filters,strict"]["acc"]["accuracy"] == 0.0
+    )
+
+
 def test_non_multiple_choice_tasks_are_skipped_with_the_reason(tmp_path, capsys):
     generation = {
         "doc_id": 0,
