@@ -7,6 +7,7 @@ from .calib_sft_trainer import CalibSFTTrainer
 from .callbacks import CalibrationCallback
 from .collator import DataCollatorWithKnowledgeFlags
 from .knowledge import DetectionReport, OnlineKnowledgeDetector, detect_known, style_adapt, youden_threshold
+from .lm_eval_logs import from_lm_eval, record_lm_eval
 from .losses import rcft_target
 from .mcq import make_mcq_example, score_multiple_choice
 from .metrics import calibration_report
@@ -14,18 +15,20 @@ from .rcft_config import RCFTConfig
 from .rcft_trainer import RCFTTrainer
 
 __all__ = [
-    "CalibrationCallback",
-    "RCFTConfig",
-    "RCFTTrainer",
-    "calibration_report",
     "CalibSFTConfig",
     "CalibSFTTrainer",
+    "CalibrationCallback",
     "DataCollatorWithKnowledgeFlags",
     "DetectionReport",
     "OnlineKnowledgeDetector",
+    "RCFTConfig",
+    "RCFTTrainer",
+    "calibration_report",
     "detect_known",
+    "from_lm_eval",
     "make_mcq_example",
     "rcft_target",
+    "record_lm_eval",
     "score_multiple_choice",
     "style_adapt",
     "youden_threshold",

@@ -3,6 +3,7 @@
     calib-trl evaluate --model default --dataset default --split test
     calib-trl detect   --model default --dataset default --split train --calibration-split calibration --output flags
     calib-trl report   runs/base/calibration.json runs/cogcalib/calibration.json --output report.md
+    calib-trl report   --lm-eval lm_eval_out/base lm_eval_out/cogcalib      (lm_eval ... --log_samples)
 
 Everything runs offline: `--model default` and `--dataset default` are the embedded SmolLM2-135M-Instruct and MMLU.
 """
@@ -79,32 +80,49 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | None = N
     return model.to(device), tokenizer
 
 
-def format_table(
-    rows: dict[str, dict],
-    keys=(
-        "accuracy",
-        "mean_confidence",
-        "ece",
-        "smooth_ece",
-        "ece_equal_mass",
-        "cw_ece",
-        "mce",
-        "brier",
-        "nll",
-        "auroc",
-        "answer_mass",
-        "lm_nll",
-        "temperature",
-    ),
-) -> str:
-    """A markdown table: one row per named report."""
+# Every key a table may show, in the order shown; a table shows those its reports have (`present_keys`).
+TABLE_KEYS = (
+    "accuracy",
+    "lm_eval",
+    "mean_confidence",
+    "ece",
+    "smooth_ece",
+    "ece_equal_mass",
+    "cw_ece",
+    "mce",
+    "brier",
+    "nll",
+    "auroc",
+    "answer_mass",
+    "lm_nll",
+    "temperature",
+    "n",
+)
+
+
+def present_keys(rows: dict[str, dict], order=TABLE_KEYS) -> tuple[str, ...]:
+    """The keys of `order` that at least one report in `rows` has."""
+    return tuple(key for key in order if any(key in report for report in rows.values()))
+
+
+def format_table(rows: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
+    """
+    A markdown table: one row per named report (floats to 4 decimals, integers as they are), with the columns `keys`
+    (default: those of `TABLE_KEYS` that the reports have).
+    """
+    keys = present_keys(rows) if keys is None else keys
     header = "| | " + " | ".join(keys) + " |"
     lines = [header, "|---" * (len(keys) + 1) + "|"]
     for name, report in rows.items():
         cells = []
         for key in keys:
             value = report.get(key)
-            cells.append("" if value is None else f"{value:.4f}")
+            if value is None:
+                cells.append("")
+            elif isinstance(value, int):
+                cells.append(str(value))
+            else:
+                cells.append(f"{value:.4f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -205,6 +223,14 @@ def cmd_detect(args):
 def cmd_report(args):
     from .plotting import plot_reliability_diagrams
 
+    if args.lm_eval:
+        if args.inputs or args.figure:
+            raise ValueError(
+                "`--lm-eval` reads lm-eval's logs; pass calibration.json files (and --figure) in a separate call."
+            )
+        return cmd_report_lm_eval(args)
+    if not args.inputs:
+        raise ValueError("Pass calibration.json files to compare, or `--lm-eval PATH` for lm-eval's per-sample logs.")
     runs = {}
     panels = {}
     for path in args.inputs:
@@ -222,6 +248,62 @@ def cmd_report(args):
     if args.figure and panels:
         plot_reliability_diagrams(panels, path=args.figure)
         print(f"Wrote {args.figure}")
+
+
+def cmd_report_lm_eval(args) -> list:
+    """Calibration of every multiple-choice task in lm-eval's logs; several models side by side."""
+    from tqdm.auto import tqdm
+
+    from .lm_eval_logs import CONVENTIONS, read_lm_eval
+    from .plotting import plot_reliability_diagrams
+
+    runs = [run for path in args.lm_eval for run in read_lm_eval(path, n_bins=args.n_bins)]
+    names = [run.model for run in runs]
+    if len(set(names)) < len(names):  # the same model evaluated twice: tell the runs apart by directory
+        names = [run.path for run in runs]
+    rows, panels = {}, {}
+    tasks = sorted({task for run in runs for task in run.tasks})
+    for task in tasks:
+        for convention in CONVENTIONS:
+            for name, run in zip(names, runs):
+                entry = run.tasks.get(task)
+                if entry is None or convention not in entry.reports:
+                    continue
+                label = f"{task} {convention}" + (f" · {name}" if len(runs) > 1 else "")
+                rows[label] = {**entry.reports[convention], "lm_eval": entry.lm_eval.get(convention)}
+                panels.setdefault((task, convention), {})[name] = entry.diagrams[convention]
+
+    if rows:
+        table = format_table(rows, keys=present_keys(rows))
+        print(table)
+        entries = [entry for run in runs for entry in run.tasks.values()]
+        checked = sum(bool(entry.verified) for entry in entries)
+        print(
+            "\nlm_eval: lm-eval's own value of the metric, from its results JSON. Accuracy checked sample by sample "
+            f"against lm-eval's logged acc/acc_norm for {checked} of {len(entries)} task(s)."
+        )
+    else:
+        table = ""
+        print("No multiple-choice task in the lm-eval logs.")
+    for name, run in zip(names, runs):
+        for task, reason in run.skipped.items():
+            print(f"Skipped {task} ({name}): {reason}.")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "calibration.json")
+    with open(path, "w") as f:
+        json.dump({name: run.to_dict() for name, run in zip(names, runs)}, f, indent=2)
+    for (task, convention), panel in tqdm(panels.items(), desc="Reliability diagrams", disable=len(panels) < 10):
+        plot_reliability_diagrams(
+            panel,
+            path=os.path.join(args.output_dir, f"reliability_{task}_{convention}.png"),
+            suptitle=f"{task} ({convention})",
+        )
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+    print(f"\nWrote {path} and {len(panels)} reliability diagram(s) in {args.output_dir}")
+    return runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,10 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--output", required=True, help="A directory (save_to_disk) or a .jsonl file.")
     de.set_defaults(func=cmd_detect)
 
-    rp = sub.add_parser("report", help="Compare calibration.json files written by `evaluate` or the examples.")
-    rp.add_argument("inputs", nargs="+")
+    rp = sub.add_parser(
+        "report",
+        help="Compare calibration.json files written by `evaluate` or the examples, or lm-eval's logs (--lm-eval).",
+    )
+    rp.add_argument("inputs", nargs="*", help="calibration.json files.")
+    rp.add_argument(
+        "--lm-eval",
+        nargs="+",
+        metavar="PATH",
+        help="lm-eval output directories (`lm_eval ... --log_samples --output_path PATH`) or samples_*.jsonl files: "
+        "the calibration of every multiple-choice task, in lm-eval's acc and acc_norm conventions; several models "
+        "side by side.",
+    )
     rp.add_argument("--output", default=None, help="Write the markdown table here.")
     rp.add_argument("--figure", default=None, help="Write side-by-side reliability diagrams here (PNG).")
+    rp.add_argument(
+        "--output-dir",
+        default="outputs/lm_eval_calibration",
+        help="With --lm-eval: where calibration.json and one reliability diagram per task and convention go.",
+    )
+    rp.add_argument("--n-bins", type=int, default=10, help="With --lm-eval: bins of the ECE and the diagrams.")
     rp.set_defaults(func=cmd_report)
     return parser
 
