@@ -196,7 +196,7 @@ def train_method(name, model, tok, data, flagged, regime, mode, args):
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=max(1, batch // per_device),
         lr_scheduler_type="linear",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to=[],
         save_strategy="no",
         logging_steps=10,

@@ -27,7 +27,7 @@ def test_callback_logs_saves_and_records(tmp_path):
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         logging_steps=1,
     )
     trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=train, processing_class=tok)

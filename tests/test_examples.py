@@ -1,10 +1,12 @@
 """The example scripts run as documented: plain, with --config, and under `accelerate launch` with 2 processes."""
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 from huggingface_hub import ModelCard
@@ -59,6 +61,24 @@ def check_outputs(out, tag):
     assert any(r.metric_type == "ece" for r in card.data.eval_results)
 
 
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, config", [("sft_cogcalib", "cogcalib_full.yaml"), ("rcft", "rcft_full.yaml")])
+def test_example_arguments_use_current_names(name, config, tmp_path):
+    # transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old name
+    parser = load_example(name).make_parser()
+    for argv in ([], ["--config", os.path.join(ROOT, "examples", "configs", config), "--bf16", "false"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            _, training_args, _ = parser.parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+        assert training_args.activation_checkpointing == bool(argv)
+
+
 def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "cogcalib"
     stdout = run(
@@ -104,7 +124,7 @@ def test_sft_cogcalib_example_with_config_under_accelerate_launch(tiny_model_dir
             str(out),
             "--bf16",
             "false",
-            "--gradient_checkpointing",
+            "--activation_checkpointing",
             "false",
             "--detection",
             "online",

@@ -16,7 +16,7 @@ def common(tmp_path, **kwargs):
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         **kwargs,
     )
 
