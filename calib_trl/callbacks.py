@@ -7,17 +7,16 @@ import os
 from transformers import TrainerCallback
 
 from .mcq import score_multiple_choice, validate_mcq_dataset
-from .metrics import calibration_report, reliability_diagram_data
-
-REPORTED = ("accuracy", "mean_confidence", "ece", "cw_ece", "brier", "nll")
+from .metrics import REPORT_METRICS, calibration_report, reliability_diagram_data
 
 
 class CalibrationCallback(TrainerCallback):
     """
     Evaluates the calibration of the model on a multiple-choice dataset every `eval_steps` optimizer steps, at the end
-    of every epoch and at the end of training, logs accuracy, ECE, class-wise ECE, Brier, NLL and mean confidence
-    through the trainer's loggers (so every `report_to` integration receives them, under
-    `calibration/{name}/...`), saves the reliability diagram as a PNG, and records the report for the model card.
+    of every epoch and at the end of training, logs the report's metrics (those of
+    `calib_trl.metrics.REPORT_METRICS`: accuracy, mean confidence, ECE, class-wise ECE, Brier, NLL, ...) through the
+    trainer's loggers (so every `report_to` integration receives them, under `calibration/{name}/...`), saves the
+    reliability diagram as a PNG, and records the report for the model card.
 
     Scoring reads the option-letter logits at the answer position only (`logits_to_keep=1`). Under
     `accelerate launch` each process scores its share of the rows and the probabilities are gathered, so no process
@@ -91,7 +90,9 @@ class CalibrationCallback(TrainerCallback):
             data = reliability_diagram_data(scores.confidences, scores.correct, n_bins=self.n_bins)
             diagram = os.path.join(self.output_dir, f"reliability_{self.name}_{self.split}_step{step}.png")
             plot_reliability_diagram(data=data, title=f"{self.name} ({self.split}), step {step}", path=diagram)
-        logs = {f"calibration/{self.name}/{k}": report[k] for k in REPORTED if report.get(k) is not None}
+        logs = {
+            f"calibration/{self.name}/{k}": report[k] for k in REPORT_METRICS if k != "n" and report.get(k) is not None
+        }
         self._log(logs)
         if hasattr(trainer, "record_calibration"):
             trainer.record_calibration(report, self.name, self.split, diagram=diagram)

@@ -14,7 +14,13 @@ import json
 import os
 import sys
 
+from .metrics import format_table
 from .utils import json_safe
+
+
+def has_splits(dataset: str) -> bool:
+    """Whether `load_mcq_dataset` reads a named split of `dataset`: not of a JSON(L) file or a saved single `Dataset`."""
+    return dataset == "default" or os.path.isfile(os.path.join(dataset, "dataset_dict.json"))
 
 
 def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, seed: int = 0):
@@ -22,7 +28,8 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
     A multiple-choice split: `default` (the embedded MMLU, see `calib_trl.defaults.load_default_dataset`), a directory
     written by `datasets.save_to_disk` (a `DatasetDict` or a `Dataset`), or a `.json`/`.jsonl` file. Rows need
     `prompt`, `choices` and `answer`; rows with `question` instead of `prompt` are formatted with
-    `calib_trl.mcq.make_mcq_example`.
+    `calib_trl.mcq.make_mcq_example`. `split` names a split of `default` or of a saved `DatasetDict`; a file or a saved
+    `Dataset` has no splits (see `has_splits`).
     """
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -79,39 +86,27 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | None = N
     return model.to(device), tokenizer
 
 
-def format_table(
-    rows: dict[str, dict],
-    keys=("accuracy", "mean_confidence", "ece", "ece_equal_mass", "cw_ece", "mce", "brier", "nll", "auroc"),
-) -> str:
-    """A markdown table: one row per named report."""
-    header = "| | " + " | ".join(keys) + " |"
-    lines = [header, "|---" * (len(keys) + 1) + "|"]
-    for name, report in rows.items():
-        cells = []
-        for key in keys:
-            value = report.get(key)
-            cells.append("" if value is None else f"{value:.4f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def cmd_evaluate(args) -> dict:
     from .mcq import score_multiple_choice
     from .metrics import calibration_report, reliability_diagram_data
     from .plotting import plot_reliability_diagram
 
     data = load_mcq_dataset(args.dataset, args.split, args.max_samples, args.seed)
+    # A file (or a saved single `Dataset`) has no splits: the rows are labelled by the file, not by `--split`
+    split = args.split if has_splits(args.dataset) else None
+    part = split if split is not None else os.path.basename(os.path.normpath(args.dataset))
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    scores = score_multiple_choice(model, tokenizer, data, batch_size=args.batch_size, desc=f"Scoring {args.split}")
+    scores = score_multiple_choice(model, tokenizer, data, batch_size=args.batch_size, desc=f"Scoring {part}")
     report = calibration_report(scores.probs, scores.labels, n_bins=args.n_bins)
     os.makedirs(args.output_dir, exist_ok=True)
     diagram = os.path.join(args.output_dir, "reliability_diagram.png")
     data_rd = reliability_diagram_data(scores.confidences, scores.correct, n_bins=args.n_bins)
-    plot_reliability_diagram(data=data_rd, title=f"{args.model} on {args.dataset}/{args.split}", path=diagram)
+    title = f"{args.model} on {args.dataset}" + (f"/{split}" if split is not None else "")
+    plot_reliability_diagram(data=data_rd, title=title, path=diagram)
     out = {
         "model": args.model,
         "dataset": args.dataset,
-        "split": args.split,
+        "split": split,
         "n": len(data),
         "report": report,
         "reliability_diagram": data_rd,
@@ -119,7 +114,7 @@ def cmd_evaluate(args) -> dict:
     path = os.path.join(args.output_dir, "calibration.json")
     with open(path, "w") as f:
         json.dump(json_safe(out), f, indent=2)
-    print(format_table({f"{args.model} / {args.split}": report}))
+    print(format_table({f"{args.model} / {part}": report}))
     print(f"\nWrote {path} and {diagram}")
     return out
 
@@ -165,7 +160,7 @@ def cmd_report(args):
         with open(path) as f:
             run = json.load(f)
         name = run.get("name") or os.path.basename(os.path.dirname(os.path.abspath(path))) or path
-        runs[name] = run["report"]
+        runs[name] = {"n": run.get("n"), **run["report"]}  # `n` of files whose report lacks it
         if "reliability_diagram" in run:
             panels[name] = run["reliability_diagram"]
     table = format_table(runs)
@@ -195,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="Accuracy, ECE, class-wise ECE, Brier, ... and a reliability diagram.")
     common(ev)
-    ev.add_argument("--split", default="test")
+    ev.add_argument("--split", default="test", help="Split of `default` or of a saved DatasetDict (a file has none).")
     ev.add_argument("--n-bins", type=int, default=10)
     ev.add_argument("--output-dir", default="outputs/evaluate")
     ev.set_defaults(func=cmd_evaluate)

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments
 
 from .callbacks import CalibrationCallback
-from .cli import format_table, load_mcq_dataset
+from .cli import load_mcq_dataset
 from .defaults import resolve_model_name_or_path
 from .mcq import score_multiple_choice
-from .metrics import calibration_report, reliability_diagram_data
+from .metrics import calibration_report, format_table, reliability_diagram_data
 from .plotting import plot_reliability_diagrams
 from .utils import json_safe
 
@@ -122,8 +122,7 @@ def finish(trainer, tokenizer, splits, before, script_args, method):
             rows[f"{method} / {split}"] = after[name][0]
             panels[f"base ({split})"] = before[name][1]
             panels[f"{method} ({split})"] = after[name][1]
-        keys = ("accuracy", "mean_confidence", "ece", "cw_ece", "brier")
-        print("\n" + format_table(rows, keys))
+        print("\n" + format_table(rows))
         figure = os.path.join(out, "reliability_before_after.png")
         plot_reliability_diagrams(panels, path=figure, suptitle=f"{method}: before and after fine-tuning")
         for name, (report, _) in after.items():

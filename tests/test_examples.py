@@ -11,6 +11,8 @@ import warnings
 import pytest
 from huggingface_hub import ModelCard
 
+from calib_trl.metrics import report_keys
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--max_train_samples",
@@ -52,9 +54,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def check_outputs(out, tag):
+def check_outputs(out, tag, stdout):
     result = json.loads((out / "calibration.json").read_text())
     assert {"accuracy", "ece", "cw_ece", "brier"} <= set(result["report"]) and result["before"]["ece"] >= 0
+    # the before/after table has the columns of `calib-trl evaluate`, row counts included
+    assert "|  | " + " | ".join(report_keys([result["report"]])) + " |" in stdout and "| n |" in stdout
     assert (out / "reliability_before_after.png").stat().st_size > 1000
     card = ModelCard.load(out / "README.md")
     assert {"calib-trl", tag} <= set(card.data.tags)
@@ -97,7 +101,7 @@ def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
     )
     assert "base / test" in stdout and "CogCalib / test" in stdout and "CogCalib / ood" in stdout
     assert "Knowledge detection" in stdout and "detection accuracy" in stdout
-    check_outputs(out, "cogcalib")
+    check_outputs(out, "cogcalib", stdout)
 
 
 @pytest.mark.distributed
@@ -137,7 +141,7 @@ def test_sft_cogcalib_example_with_config_under_accelerate_launch(tiny_model_dir
         tmp_path,
     )
     assert stdout.count("CogCalib / test") == 1  # printed by the main process only
-    check_outputs(out, "cogcalib")
+    check_outputs(out, "cogcalib", stdout)
 
 
 def test_rcft_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
@@ -159,7 +163,7 @@ def test_rcft_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
         tmp_path,
     )
     assert "RCFT / test" in stdout
-    check_outputs(out, "rcft")
+    check_outputs(out, "rcft", stdout)
 
 
 def test_detect_known_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
