@@ -18,6 +18,14 @@ from .metrics import format_table
 from .utils import json_safe
 
 
+class MissingSplitError(ValueError):
+    """The dataset has no split of the name asked for."""
+
+    def __init__(self, dataset: str, split: str, splits: list[str], flag: str = "--split", hint: str = ""):
+        self.dataset, self.split, self.splits = dataset, split, splits
+        super().__init__(f"{dataset} has splits {splits}; got {flag} {split!r}.{hint}")
+
+
 def has_splits(dataset: str) -> bool:
     """Whether `load_mcq_dataset` reads a named split of `dataset`: not of a JSON(L) file or a saved single `Dataset`."""
     return dataset == "default" or os.path.isfile(os.path.join(dataset, "dataset_dict.json"))
@@ -28,8 +36,8 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
     A multiple-choice split: `default` (the embedded MMLU, see `calib_trl.defaults.load_default_dataset`), a directory
     written by `datasets.save_to_disk` (a `DatasetDict` or a `Dataset`), or a `.json`/`.jsonl` file. Rows need
     `prompt`, `choices` and `answer`; rows with `question` instead of `prompt` are formatted with
-    `calib_trl.mcq.make_mcq_example`. `split` names a split of `default` or of a saved `DatasetDict`; a file or a saved
-    `Dataset` has no splits (see `has_splits`).
+    `calib_trl.mcq.make_mcq_example`. `split` names a split of `default` or of a saved `DatasetDict`
+    (`MissingSplitError` if it has none of that name); a file or a saved `Dataset` has no splits (see `has_splits`).
     """
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -40,13 +48,13 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
 
         splits = load_default_dataset(seed=seed)
         if split not in splits:
-            raise ValueError(f"The default dataset has splits {list(splits)}; got --split {split!r}.")
+            raise MissingSplitError("The default dataset", split, list(splits))
         data = splits[split]
     elif os.path.isdir(dataset):
         data = load_from_disk(dataset)
         if isinstance(data, DatasetDict):
             if split not in data:
-                raise ValueError(f"{dataset} has splits {list(data)}; got --split {split!r}.")
+                raise MissingSplitError(dataset, split, list(data))
             data = data[split]
     elif os.path.isfile(dataset) and dataset.endswith((".json", ".jsonl")):
         data = load_dataset("json", data_files=dataset, split="train")

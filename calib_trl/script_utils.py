@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments
 
 from .callbacks import CalibrationCallback
-from .cli import load_mcq_dataset
+from .cli import MissingSplitError, load_mcq_dataset
 from .defaults import resolve_model_name_or_path
 from .mcq import score_multiple_choice
 from .metrics import calibration_report, format_table, reliability_diagram_data
@@ -32,7 +32,12 @@ class CalibScriptArguments(ScriptArguments):
     calibration_split: str = field(
         default="calibration", metadata={"help": "Split the detection threshold is fitted on."}
     )
-    ood_split: str | None = field(default="ood", metadata={"help": "Out-of-domain split also evaluated (if present)."})
+    ood_split: str | None = field(
+        default="ood",
+        metadata={
+            "help": "Out-of-domain split also evaluated; `none` for none (a name the dataset lacks is an error)."
+        },
+    )
     max_train_samples: int | None = field(default=48, metadata={"help": "Training rows used (0: all)."})
     max_eval_samples: int | None = field(
         default=64, metadata={"help": "Evaluation rows used, per evaluation split (0: all)."}
@@ -75,21 +80,28 @@ def evaluate(model, tokenizer, data, batch_size):
     )
 
 
-def load_splits(script_args):
+def load_splits(script_args, keys=("train", "eval", "calibration", "ood"), optional=("calibration",)):
+    """
+    The splits `keys` (of `train`, `eval`, `calibration`, `ood`) that the arguments name. Each must exist, except
+    those in `optional`, which are left out when missing (by default the calibration split, which only detection
+    needs, and asks for when it does); `--ood_split none` skips `ood`.
+    """
     splits = {}
-    for key, name, cap in (
-        ("train", script_args.dataset_train_split, script_args.max_train_samples),
-        ("eval", script_args.dataset_test_split, script_args.max_eval_samples),
-        ("calibration", script_args.calibration_split, script_args.max_calibration_samples),
-        ("ood", script_args.ood_split, script_args.max_eval_samples),
+    for key, flag, name, cap in (
+        ("train", "dataset_train_split", script_args.dataset_train_split, script_args.max_train_samples),
+        ("eval", "dataset_test_split", script_args.dataset_test_split, script_args.max_eval_samples),
+        ("calibration", "calibration_split", script_args.calibration_split, script_args.max_calibration_samples),
+        ("ood", "ood_split", script_args.ood_split, script_args.max_eval_samples),
     ):
-        if name is None:
+        if key not in keys or name is None or (key == "ood" and name.lower() == "none"):
             continue
         try:
             splits[key] = load_mcq_dataset(script_args.dataset_name, name, cap or None)  # 0: all rows
-        except ValueError:
-            if key in ("train", "eval"):
-                raise
+        except MissingSplitError as err:
+            if key in optional:
+                continue
+            hint = " Pass `--ood_split none` to skip the out-of-domain evaluation." if key == "ood" else ""
+            raise MissingSplitError(err.dataset, name, err.splits, flag=f"--{flag}", hint=hint) from None
     return splits
 
 

@@ -11,7 +11,9 @@ import warnings
 import pytest
 from huggingface_hub import ModelCard
 
+from calib_trl.cli import MissingSplitError
 from calib_trl.metrics import report_keys
+from calib_trl.script_utils import CalibScriptArguments, load_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -81,6 +83,23 @@ def test_example_arguments_use_current_names(name, config, tmp_path):
             warnings.simplefilter("error", FutureWarning)
             _, training_args, _ = parser.parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
         assert training_args.activation_checkpointing == bool(argv)
+
+
+def test_a_missing_ood_split_is_an_error_unless_none(tiny_dataset_dir):
+    small = dict(dataset_name=str(tiny_dataset_dir), max_train_samples=2, max_eval_samples=2)
+    assert len(load_splits(CalibScriptArguments(**small))["ood"]) == 2
+    with pytest.raises(MissingSplitError, match=r"--ood_split 'odd'.*--ood_split none"):
+        load_splits(CalibScriptArguments(**small, ood_split="odd"))
+    assert set(load_splits(CalibScriptArguments(**small, ood_split="none"))) == {"train", "eval", "calibration"}
+    with pytest.raises(MissingSplitError, match="--dataset_train_split 'trian'"):
+        load_splits(CalibScriptArguments(**small, dataset_train_split="trian"))
+    # the calibration split is optional to the training examples (only detection needs one, and says so), required
+    # by the detection example, which needs no `ood`
+    assert "calibration" not in load_splits(CalibScriptArguments(**small, calibration_split="held_out"))
+    detection = dict(keys=("train", "calibration"), optional=())
+    assert set(load_splits(CalibScriptArguments(**small, ood_split="odd"), **detection)) == {"train", "calibration"}
+    with pytest.raises(MissingSplitError, match="--calibration_split 'held_out'"):
+        load_splits(CalibScriptArguments(**small, calibration_split="held_out"), **detection)
 
 
 def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
