@@ -16,7 +16,9 @@ class CalibrationCallback(TrainerCallback):
     of every epoch and at the end of training, logs the report's metrics (those of
     `calib_trl.metrics.REPORT_METRICS`: accuracy, mean confidence, ECE, class-wise ECE, Brier, NLL, ...) through the
     trainer's loggers (so every `report_to` integration receives them, under `calibration/{name}/...`), saves the
-    reliability diagram as a PNG, and records the report for the model card.
+    reliability diagram as a PNG, and records the report for the model card: a report at step 0 (`at_start`) as the
+    base model's, the others as the fine-tuned model's. The trainer writes the card at checkpoints, on `push_to_hub`
+    and on `save_model` (or call `trainer.create_model_card()`).
 
     Scoring reads the option-letter logits at the answer position only (`logits_to_keep=1`). Under
     `accelerate launch` each process scores its share of the rows and the probabilities are gathered, so no process
@@ -95,7 +97,8 @@ class CalibrationCallback(TrainerCallback):
         }
         self._log(logs)
         if hasattr(trainer, "record_calibration"):
-            trainer.record_calibration(report, self.name, self.split, diagram=diagram)
+            # Before any optimizer step the model is the base model
+            trainer.record_calibration(report, self.name, self.split, diagram=diagram, base=step == 0)
         self.history.append({"step": step, **report})
         return report
 

@@ -122,10 +122,14 @@ def add_calibration_callback(trainer, splits, script_args) -> None:
 
 
 def finish(trainer, tokenizer, splits, before, script_args, method):
-    """Evaluate after training, print the before/after table, write the diagrams, the model and its card."""
+    """
+    Evaluate after training; print the before/after table, write the diagrams, `calibration.json`, the model and its
+    card (base and fine-tuned results side by side).
+    """
     model = trainer.model
     after = evaluate_splits(model, tokenizer, splits, script_args.eval_batch_size)
     out = trainer.args.output_dir
+    dataset = script_args.dataset_name or "default"
     if trainer.is_world_process_zero():
         rows, panels = {}, {}
         for name in after:
@@ -139,9 +143,8 @@ def finish(trainer, tokenizer, splits, before, script_args, method):
         plot_reliability_diagrams(panels, path=figure, suptitle=f"{method}: before and after fine-tuning")
         for name, (report, _) in after.items():
             split = script_args.dataset_test_split if name == "eval" else script_args.ood_split
-            trainer.record_calibration(
-                report, script_args.dataset_name or "default", split, diagram=figure if name == "eval" else None
-            )
+            trainer.record_calibration(before[name][0], dataset, split, base=True)
+            trainer.record_calibration(report, dataset, split, diagram=figure if name == "eval" else None)
         with open(os.path.join(out, "calibration.json"), "w") as f:
             json.dump(
                 json_safe(
@@ -158,4 +161,4 @@ def finish(trainer, tokenizer, splits, before, script_args, method):
             )
         print(f"Wrote {figure}, {out}/calibration.json and the model card {out}/README.md")
     trainer.save_model(out)
-    trainer.create_model_card(dataset_name=None if script_args.dataset_name == "default" else script_args.dataset_name)
+    trainer.create_model_card(dataset_name=dataset)  # the card `save_model` wrote, with the training dataset

@@ -326,6 +326,17 @@ def test_cache_rebuilt_when_source_or_files_change(fake_conversion):
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
 
 
+def test_cache_of_an_older_conversion_format_is_rebuilt(fake_conversion):
+    # Format 2 records the Hub base model in the config: a copy converted before must be converted again
+    _, _, calls = fake_conversion
+    path = defaults.default_model_path()
+    marker = json.loads((path / MARKER_FILE).read_text())
+    assert marker["format"] == defaults.CONVERSION_FORMAT >= 2
+    (path / MARKER_FILE).write_text(json.dumps({**marker, "format": defaults.CONVERSION_FORMAT - 1}))
+    defaults.default_model_path()
+    assert len(calls) == 2 and json.loads((path / MARKER_FILE).read_text())["format"] == defaults.CONVERSION_FORMAT
+
+
 def test_failed_conversion_keeps_previous_copy(fake_conversion, monkeypatch):
     source, cache, calls = fake_conversion
     path = defaults.default_model_path()
@@ -438,6 +449,13 @@ def test_converted_model_matches_gguf(default_model_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(default_model_dir)
     assert isinstance(model, LlamaForCausalLM)
     assert getattr(model.config, "quantization_config", None) is None
+    # the Hub model it is a copy of, for the model cards of the models fine-tuned from it
+    assert (
+        config[defaults.BASE_MODEL_CONFIG_KEY]
+        == defaults.DEFAULT_MODEL_HUB_ID
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert getattr(model.config, defaults.BASE_MODEL_CONFIG_KEY) == defaults.DEFAULT_MODEL_HUB_ID
     assert getattr(model, "hf_quantizer", None) is None
     assert model.dtype == torch.float32
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -65,6 +65,11 @@ def check_outputs(out, tag, stdout):
     card = ModelCard.load(out / "README.md")
     assert {"calib-trl", tag} <= set(card.data.tags)
     assert any(r.metric_type == "ece" for r in card.data.eval_results)
+    # base and fine-tuned side by side; the model-index holds the fine-tuned model's results
+    assert " / test / base |" in card.text and " / test / fine-tuned" in card.text
+    ece = {r.dataset_split: r.metric_value for r in card.data.eval_results if r.metric_type == "ece"}
+    assert ece["test"] == pytest.approx(result["report"]["ece"])
+    assert ece["ood"] == pytest.approx(result["ood"]["ece"])
 
 
 def load_example(name):
