@@ -470,8 +470,9 @@ def load_default_dataset(
     """
     The embedded MMLU test split as a multiple-choice `DatasetDict` with deterministic splits.
 
-    MMLU's 14,042 questions (57 subjects, 4 options each) less 105 exact duplicates leave 13,937 questions, split as
-    follows with the default arguments:
+    The embedded file holds 14,044 rows: MMLU's 14,042 test questions (57 subjects, 4 options each) and 2 stray header
+    rows. Dropping the header rows and 105 exact duplicates leaves 13,937 questions, split as follows with the default
+    arguments:
 
     | split         | rows  | contents                                                                          |
     |---------------|-------|-----------------------------------------------------------------------------------|

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from calib_trl import defaults
+from calib_trl import defaults, model_card
 from calib_trl.defaults import (
     DEFAULT_MODEL_NAME,
     DEFAULT_SPLIT_SIZES,
@@ -126,6 +126,22 @@ def test_header_rows_and_duplicates_are_dropped():
         raw = [json.loads(line) for line in f]
     assert len(raw) == 14044
     assert sum(r["correct_answer"] not in ("A", "B", "C", "D") for r in raw) == 2
+
+
+def test_documented_counts_are_those_of_the_file():
+    with open(defaults.mmlu_path()) as f:
+        raw = [json.loads(line) for line in f if line.strip()]
+    headers = sum(r["correct_answer"] not in LETTERS[:4] for r in raw)
+    kept = len(load_mmlu_rows())
+    duplicates = len(raw) - headers - kept
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = " ".join(f.read().split())
+    docstring = " ".join(load_default_dataset.__doc__.split())
+    for text in (readme, docstring):
+        assert f"holds {len(raw):,} rows: MMLU's {len(raw) - headers:,} test questions" in text
+        assert f"and {headers} stray header rows. Dropping the header rows and {duplicates} exact duplicates" in text
+        assert f"leaves {kept:,} questions" in text
+    assert f"the {len(raw) - headers:,} test questions of [cais/mmlu]" in model_card.DEFAULT_DATASET_NOTE
 
 
 def test_rows_are_valid_mcq(splits, plain_splits):
