@@ -120,7 +120,7 @@ def make_trainer(variant, model, tok, data, args, output_dir):
         save_strategy="no",
         logging_steps=1000,
         disable_tqdm=True,
-        gradient_checkpointing=args.gc,
+        activation_checkpointing=args.gc,
         bf16=args.dtype == "bfloat16",
         shuffle_dataset=False,
         max_length=None,
@@ -208,7 +208,7 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--gc", action="store_true", help="activation (gradient) checkpointing")
     parser.add_argument(
         "--weights",
         default="random",

@@ -53,7 +53,7 @@ def main():
             report_to=[],
             save_strategy="no",
             disable_tqdm=True,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             bf16=dtype == torch.bfloat16,
             padding_free=True,
             max_length=None,

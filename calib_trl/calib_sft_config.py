@@ -41,7 +41,10 @@ class CalibSFTConfig(SFTConfig):
         mbls_lambda (`float`, *optional*, defaults to `0.1`):
             Weight λ of the margin penalty of `"mbls"`, `>= 0`.
         ecp_beta (`float`, *optional*, defaults to `2.0`):
-            Weight β of the entropy bonus of `"ecp"`, `>= 0`.
+            Weight β of the entropy bonus of `"ecp"`, `>= 0`. The bonus β·H(p) is subtracted from the cross-entropy
+            of known tokens, so the logged training `loss` can be negative: that is expected, not a bug. Watch
+            `calib/nll`, the plain cross-entropy of the completion tokens (what `SFTTrainer` logs as `loss`), to
+            follow how well the model fits the data.
 
         calibration_space (`str`, *optional*, defaults to `"vocabulary"`):
             Which distribution the calibration term acts on. `"vocabulary"`: the next-token distribution over the

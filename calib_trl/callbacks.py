@@ -7,19 +7,20 @@ import os
 from transformers import TrainerCallback
 
 from .mcq import score_multiple_choice, validate_mcq_dataset
-from .metrics import reliability_diagram_data
-
-REPORTED = ("accuracy", "mean_confidence", "ece", "smooth_ece", "cw_ece", "brier", "nll", "answer_mass", "lm_nll")
+from .metrics import REPORT_METRICS, reliability_diagram_data
 
 
 class CalibrationCallback(TrainerCallback):
     """
     Evaluates the calibration of the model on a multiple-choice dataset every `eval_steps` optimizer steps, at the end
-    of every epoch and at the end of training, logs accuracy, ECE, smooth ECE, class-wise ECE, Brier, NLL and mean
-    confidence through the trainer's loggers (so every `report_to` integration receives them, under
-    `calibration/{name}/...`), saves the reliability diagram as a PNG, and records the report for the model card.
-    Beside them it logs what calibration may cost elsewhere: `answer_mass`, the full-vocabulary probability of the
-    option letters at the answer position, and `lm_nll`, the NLL of the evaluation prompts' own text (see
+    of every epoch and at the end of training, logs the report's metrics (those of
+    `calib_trl.metrics.REPORT_METRICS`: accuracy, mean confidence, ECE, smooth ECE, class-wise ECE, Brier, NLL, ...)
+    through the trainer's loggers (so every `report_to` integration receives them, under `calibration/{name}/...`),
+    saves the reliability diagram as a PNG, and records the report for the model card: a report at step 0
+    (`at_start`) as the base model's, the others as the fine-tuned model's. The trainer writes the card at
+    checkpoints, on `push_to_hub` and on `save_model` (or call `trainer.create_model_card()`). Beside calibration it
+    logs what calibration may cost elsewhere: `answer_mass`, the full-vocabulary probability of the option letters at
+    the answer position, and `lm_nll`, the NLL of the evaluation prompts' own text (see
     `calib_trl.mcq.score_multiple_choice`).
 
     Scoring reads the option-letter logits at the answer position (`logits_to_keep=1`) and projects the prompts'
@@ -96,10 +97,13 @@ class CalibrationCallback(TrainerCallback):
             data = reliability_diagram_data(scores.confidences, scores.correct, n_bins=self.n_bins)
             diagram = os.path.join(self.output_dir, f"reliability_{self.name}_{self.split}_step{step}.png")
             plot_reliability_diagram(data=data, title=f"{self.name} ({self.split}), step {step}", path=diagram)
-        logs = {f"calibration/{self.name}/{k}": report[k] for k in REPORTED if report.get(k) is not None}
+        logs = {
+            f"calibration/{self.name}/{k}": report[k] for k in REPORT_METRICS if k != "n" and report.get(k) is not None
+        }
         self._log(logs)
         if hasattr(trainer, "record_calibration"):
-            trainer.record_calibration(report, self.name, self.split, diagram=diagram)
+            # Before any optimizer step the model is the base model
+            trainer.record_calibration(report, self.name, self.split, diagram=diagram, base=step == 0)
         self.history.append({"step": step, **report})
         return report
 

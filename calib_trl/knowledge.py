@@ -364,7 +364,7 @@ def style_adapt(
             lr_scheduler_type="constant",
             per_device_train_batch_size=per_device,
             gradient_accumulation_steps=accumulation,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             report_to=[],
             save_strategy="no",
             logging_steps=max(1, steps // 5),

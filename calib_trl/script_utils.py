@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments
 
 from .callbacks import CalibrationCallback
-from .cli import format_table, load_mcq_dataset
+from .cli import MissingSplitError, load_mcq_dataset
 from .defaults import resolve_model_name_or_path
 from .mcq import score_multiple_choice
-from .metrics import reliability_diagram_data
+from .metrics import format_table, reliability_diagram_data
 from .plotting import plot_reliability_diagrams
 from .utils import json_safe
 
@@ -32,7 +32,12 @@ class CalibScriptArguments(ScriptArguments):
     calibration_split: str = field(
         default="calibration", metadata={"help": "Split the detection threshold is fitted on."}
     )
-    ood_split: str | None = field(default="ood", metadata={"help": "Out-of-domain split also evaluated (if present)."})
+    ood_split: str | None = field(
+        default="ood",
+        metadata={
+            "help": "Out-of-domain split also evaluated; `none` for none (a name the dataset lacks is an error)."
+        },
+    )
     max_train_samples: int | None = field(default=48, metadata={"help": "Training rows used (0: all)."})
     max_eval_samples: int | None = field(
         default=64, metadata={"help": "Evaluation rows used, per evaluation split (0: all)."}
@@ -75,21 +80,28 @@ def evaluate(model, tokenizer, data, batch_size):
     return scores.report(), reliability_diagram_data(scores.confidences, scores.correct)
 
 
-def load_splits(script_args):
+def load_splits(script_args, keys=("train", "eval", "calibration", "ood"), optional=("calibration",)):
+    """
+    The splits `keys` (of `train`, `eval`, `calibration`, `ood`) that the arguments name. Each must exist, except
+    those in `optional`, which are left out when missing (by default the calibration split, which only detection
+    needs, and asks for when it does); `--ood_split none` skips `ood`.
+    """
     splits = {}
-    for key, name, cap in (
-        ("train", script_args.dataset_train_split, script_args.max_train_samples),
-        ("eval", script_args.dataset_test_split, script_args.max_eval_samples),
-        ("calibration", script_args.calibration_split, script_args.max_calibration_samples),
-        ("ood", script_args.ood_split, script_args.max_eval_samples),
+    for key, flag, name, cap in (
+        ("train", "dataset_train_split", script_args.dataset_train_split, script_args.max_train_samples),
+        ("eval", "dataset_test_split", script_args.dataset_test_split, script_args.max_eval_samples),
+        ("calibration", "calibration_split", script_args.calibration_split, script_args.max_calibration_samples),
+        ("ood", "ood_split", script_args.ood_split, script_args.max_eval_samples),
     ):
-        if name is None:
+        if key not in keys or name is None or (key == "ood" and name.lower() == "none"):
             continue
         try:
             splits[key] = load_mcq_dataset(script_args.dataset_name, name, cap or None)  # 0: all rows
-        except ValueError:
-            if key in ("train", "eval"):
-                raise
+        except MissingSplitError as err:
+            if key in optional:
+                continue
+            hint = " Pass `--ood_split none` to skip the out-of-domain evaluation." if key == "ood" else ""
+            raise MissingSplitError(err.dataset, name, err.splits, flag=f"--{flag}", hint=hint) from None
     return splits
 
 
@@ -110,10 +122,14 @@ def add_calibration_callback(trainer, splits, script_args) -> None:
 
 
 def finish(trainer, tokenizer, splits, before, script_args, method):
-    """Evaluate after training, print the before/after table, write the diagrams, the model and its card."""
+    """
+    Evaluate after training; print the before/after table, write the diagrams, `calibration.json`, the model and its
+    card (base and fine-tuned results side by side).
+    """
     model = trainer.model
     after = evaluate_splits(model, tokenizer, splits, script_args.eval_batch_size)
     out = trainer.args.output_dir
+    dataset = script_args.dataset_name or "default"
     if trainer.is_world_process_zero():
         rows, panels = {}, {}
         for name in after:
@@ -122,15 +138,13 @@ def finish(trainer, tokenizer, splits, before, script_args, method):
             rows[f"{method} / {split}"] = after[name][0]
             panels[f"base ({split})"] = before[name][1]
             panels[f"{method} ({split})"] = after[name][1]
-        keys = ("accuracy", "mean_confidence", "ece", "smooth_ece", "cw_ece", "brier", "answer_mass", "lm_nll")
-        print("\n" + format_table(rows, keys))
+        print("\n" + format_table(rows))
         figure = os.path.join(out, "reliability_before_after.png")
         plot_reliability_diagrams(panels, path=figure, suptitle=f"{method}: before and after fine-tuning")
         for name, (report, _) in after.items():
             split = script_args.dataset_test_split if name == "eval" else script_args.ood_split
-            trainer.record_calibration(
-                report, script_args.dataset_name or "default", split, diagram=figure if name == "eval" else None
-            )
+            trainer.record_calibration(before[name][0], dataset, split, base=True)
+            trainer.record_calibration(report, dataset, split, diagram=figure if name == "eval" else None)
         with open(os.path.join(out, "calibration.json"), "w") as f:
             json.dump(
                 json_safe(
@@ -147,4 +161,4 @@ def finish(trainer, tokenizer, splits, before, script_args, method):
             )
         print(f"Wrote {figure}, {out}/calibration.json and the model card {out}/README.md")
     trainer.save_model(out)
-    trainer.create_model_card(dataset_name=None if script_args.dataset_name == "default" else script_args.dataset_name)
+    trainer.create_model_card(dataset_name=dataset)  # the card `save_model` wrote, with the training dataset

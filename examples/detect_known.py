@@ -32,7 +32,7 @@ class DetectArguments(CalibScriptArguments):
 def main(script_args, model_args):
     args = TrainingArguments(output_dir=script_args.output_dir, bf16=bf16_supported(), report_to=[])
     model, tokenizer, _ = load_model(model_args, args)
-    splits = load_splits(script_args)
+    splits = load_splits(script_args, keys=("train", "calibration"), optional=())
     flagged, report = detect_known(
         model,
         tokenizer,

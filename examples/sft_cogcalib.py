@@ -80,7 +80,7 @@ def make_parser():
         num_train_epochs=2,
         learning_rate=4e-5,
         per_device_train_batch_size=8,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         logging_steps=4,
         save_strategy="no",
         report_to=[],

@@ -23,7 +23,7 @@ def config(tmp_path, mode="padded", **kwargs):
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         shuffle_dataset=False,
     )
     base.update(MODES[mode])
@@ -151,7 +151,7 @@ def test_calibration_loss_none_reproduces_sft_trainer_exactly(tmp_path, mode):
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         shuffle_dataset=False,
         max_steps=3,
         bf16=False,
@@ -223,17 +223,20 @@ def _softcap(model):
     return model
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
     # The hidden states are read from the backbone's output, outside the checkpointed layers
     results = []
     for checkpointing in (False, True):
         tok = make_tokenizer()
         trainer = CalibSFTTrainer(
             model=make_model(len(tok), seed=3),
-            args=config(tmp_path / str(checkpointing), calibration_loss="ls", gradient_checkpointing=checkpointing),
+            args=config(tmp_path / str(checkpointing), calibration_loss="ls", activation_checkpointing=checkpointing),
             train_dataset=make_mcq_dataset(12, seed=1, known=True),
             processing_class=tok,
         )
+        if checkpointing:  # as `Trainer.train` does before its first step
+            trainer.model.activation_checkpointing_enable()
+        assert trainer.model.is_activation_checkpointing == checkpointing
         batch = first_batch(trainer)
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, dict(batch))

@@ -27,7 +27,7 @@ def test_callback_logs_saves_and_records(tmp_path):
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         logging_steps=1,
     )
     trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=train, processing_class=tok)
@@ -53,9 +53,12 @@ def test_callback_logs_saves_and_records(tmp_path):
     )
     for step in (0, 2, 4):
         assert (tmp_path / "calibration" / f"reliability_toy_test_step{step}.png").stat().st_size > 1000
-    (result,) = trainer.calibration_results
-    assert result["step"] == 4 and result["report"]["ece"] == pytest.approx(final["ece"])
-    assert result["diagram"] == "calibration/reliability_toy_test_step4.png"
+    # for the model card: the report at step 0 as the base model's, the last one as the fine-tuned model's
+    base, tuned = sorted(trainer.calibration_results, key=lambda r: r["step"])
+    assert base["base"] and base["step"] == 0
+    assert base["report"]["ece"] == pytest.approx(callback.history[0]["ece"])
+    assert not tuned["base"] and tuned["step"] == 4 and tuned["report"]["ece"] == pytest.approx(final["ece"])
+    assert tuned["diagram"] == str(tmp_path / "calibration" / "reliability_toy_test_step4.png")
 
 
 def test_callback_rejects_bad_dataset(tmp_path):

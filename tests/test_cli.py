@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 from datasets import load_from_disk
-from helpers import make_tokenizer
+from helpers import make_mcq_dataset, make_tokenizer
 from transformers import AutoModelForCausalLM
 
 from calib_trl import calibration_report
 from calib_trl.cli import main
 from calib_trl.mcq import score_multiple_choice
+from calib_trl.metrics import REPORT_METRICS, format_table
 
 
 def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
@@ -107,6 +108,44 @@ def test_report_compares_runs(tmp_path, capsys):
     table = (tmp_path / "t.md").read_text()
     assert "| base |" in table and "0.0500" in table
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_report_shows_n_and_the_columns_of_evaluate(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    headers = []
+    for split, rows in (("test", 12), ("ood", 5)):
+        argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--split", split]
+        assert main([*argv, "--max-samples", str(rows), "--output-dir", str(tmp_path / split)]) == 0
+        headers.append(capsys.readouterr().out.splitlines()[0])
+    assert headers[0] == headers[1] and headers[0].startswith("|  | n | accuracy |")
+    paths = [str(tmp_path / split / "calibration.json") for split in ("test", "ood")]
+    assert main(["report", *paths]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == headers[0]
+    assert lines[2].startswith("| test | 12 | ") and lines[3].startswith("| ood | 5 | ")
+
+
+def test_evaluate_labels_a_file_by_its_name(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "my_questions.jsonl"
+    make_mcq_dataset(6, seed=3).to_json(str(data))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"| {tiny_model_dir} / my_questions.jsonl | 6 |" in printed and "/ test" not in printed
+    result = json.loads((out / "calibration.json").read_text())
+    assert result["split"] is None and result["dataset"] == str(data) and result["n"] == 6
+
+
+def test_format_table_shows_the_known_keys_present_in_order():
+    rows = {
+        "a": {"ece": 0.25, "n": 40, "answer_mass": 0.5, "unknown_key": 1.0, "n_bins": 10},
+        "b": {"accuracy": 0.75, "ece": None, "n": 8},
+    }
+    header, rule, row_a, row_b = format_table(rows, label="run").splitlines()
+    assert header == "| run | n | accuracy | ece | answer_mass |"
+    assert list(REPORT_METRICS).index("ece") < list(REPORT_METRICS).index("answer_mass")
+    assert rule.count("---") == 5
+    assert row_a == "| a | 40 |  | 0.2500 | 0.5000 |"
+    assert row_b == "| b | 8 | 0.7500 |  |  |"
 
 
 @pytest.mark.parametrize(

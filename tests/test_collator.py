@@ -68,7 +68,7 @@ def test_flags_reach_compute_loss_intact(tmp_path, mode):
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         **MODES[mode],
     )
     trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=data, processing_class=tok)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from calib_trl import defaults
+from calib_trl import defaults, model_card
 from calib_trl.defaults import (
     DEFAULT_MODEL_NAME,
     DEFAULT_SPLIT_SIZES,
@@ -126,6 +126,22 @@ def test_header_rows_and_duplicates_are_dropped():
         raw = [json.loads(line) for line in f]
     assert len(raw) == 14044
     assert sum(r["correct_answer"] not in ("A", "B", "C", "D") for r in raw) == 2
+
+
+def test_documented_counts_are_those_of_the_file():
+    with open(defaults.mmlu_path()) as f:
+        raw = [json.loads(line) for line in f if line.strip()]
+    headers = sum(r["correct_answer"] not in LETTERS[:4] for r in raw)
+    kept = len(load_mmlu_rows())
+    duplicates = len(raw) - headers - kept
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = " ".join(f.read().split())
+    docstring = " ".join(load_default_dataset.__doc__.split())
+    for text in (readme, docstring):
+        assert f"holds {len(raw):,} rows: MMLU's {len(raw) - headers:,} test questions" in text
+        assert f"and {headers} stray header rows. Dropping the header rows and {duplicates} exact duplicates" in text
+        assert f"leaves {kept:,} questions" in text
+    assert f"the {len(raw) - headers:,} test questions of [cais/mmlu]" in model_card.DEFAULT_DATASET_NOTE
 
 
 def test_rows_are_valid_mcq(splits, plain_splits):
@@ -326,6 +342,17 @@ def test_cache_rebuilt_when_source_or_files_change(fake_conversion):
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
 
 
+def test_cache_of_an_older_conversion_format_is_rebuilt(fake_conversion):
+    # Format 2 records the Hub base model in the config: a copy converted before must be converted again
+    _, _, calls = fake_conversion
+    path = defaults.default_model_path()
+    marker = json.loads((path / MARKER_FILE).read_text())
+    assert marker["format"] == defaults.CONVERSION_FORMAT >= 2
+    (path / MARKER_FILE).write_text(json.dumps({**marker, "format": defaults.CONVERSION_FORMAT - 1}))
+    defaults.default_model_path()
+    assert len(calls) == 2 and json.loads((path / MARKER_FILE).read_text())["format"] == defaults.CONVERSION_FORMAT
+
+
 def test_failed_conversion_keeps_previous_copy(fake_conversion, monkeypatch):
     source, cache, calls = fake_conversion
     path = defaults.default_model_path()
@@ -438,6 +465,13 @@ def test_converted_model_matches_gguf(default_model_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(default_model_dir)
     assert isinstance(model, LlamaForCausalLM)
     assert getattr(model.config, "quantization_config", None) is None
+    # the Hub model it is a copy of, for the model cards of the models fine-tuned from it
+    assert (
+        config[defaults.BASE_MODEL_CONFIG_KEY]
+        == defaults.DEFAULT_MODEL_HUB_ID
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert getattr(model.config, defaults.BASE_MODEL_CONFIG_KEY) == defaults.DEFAULT_MODEL_HUB_ID
     assert getattr(model, "hf_quantizer", None) is None
     assert model.dtype == torch.float32
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -1,13 +1,19 @@
 """The example scripts run as documented: plain, with --config, and under `accelerate launch` with 2 processes."""
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 from huggingface_hub import ModelCard
+
+from calib_trl.cli import MissingSplitError
+from calib_trl.metrics import report_keys
+from calib_trl.script_utils import CalibScriptArguments, load_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -50,13 +56,55 @@ def free_port():
         return s.getsockname()[1]
 
 
-def check_outputs(out, tag):
+def check_outputs(out, tag, stdout):
     result = json.loads((out / "calibration.json").read_text())
     assert {"accuracy", "ece", "cw_ece", "brier"} <= set(result["report"]) and result["before"]["ece"] >= 0
+    # the before/after table has the columns of `calib-trl evaluate`, row counts included
+    assert "|  | " + " | ".join(report_keys([result["report"]])) + " |" in stdout and "| n |" in stdout
     assert (out / "reliability_before_after.png").stat().st_size > 1000
     card = ModelCard.load(out / "README.md")
     assert {"calib-trl", tag} <= set(card.data.tags)
     assert any(r.metric_type == "ece" for r in card.data.eval_results)
+    # base and fine-tuned side by side; the model-index holds the fine-tuned model's results
+    assert " / test / base |" in card.text and " / test / fine-tuned" in card.text
+    ece = {r.dataset_split: r.metric_value for r in card.data.eval_results if r.metric_type == "ece"}
+    assert ece["test"] == pytest.approx(result["report"]["ece"])
+    assert ece["ood"] == pytest.approx(result["ood"]["ece"])
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, config", [("sft_cogcalib", "cogcalib_full.yaml"), ("rcft", "rcft_full.yaml")])
+def test_example_arguments_use_current_names(name, config, tmp_path):
+    # transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old name
+    parser = load_example(name).make_parser()
+    for argv in ([], ["--config", os.path.join(ROOT, "examples", "configs", config), "--bf16", "false"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            _, training_args, _ = parser.parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+        assert training_args.activation_checkpointing == bool(argv)
+
+
+def test_a_missing_ood_split_is_an_error_unless_none(tiny_dataset_dir):
+    small = dict(dataset_name=str(tiny_dataset_dir), max_train_samples=2, max_eval_samples=2)
+    assert len(load_splits(CalibScriptArguments(**small))["ood"]) == 2
+    with pytest.raises(MissingSplitError, match=r"--ood_split 'odd'.*--ood_split none"):
+        load_splits(CalibScriptArguments(**small, ood_split="odd"))
+    assert set(load_splits(CalibScriptArguments(**small, ood_split="none"))) == {"train", "eval", "calibration"}
+    with pytest.raises(MissingSplitError, match="--dataset_train_split 'trian'"):
+        load_splits(CalibScriptArguments(**small, dataset_train_split="trian"))
+    # the calibration split is optional to the training examples (only detection needs one, and says so), required
+    # by the detection example, which needs no `ood`
+    assert "calibration" not in load_splits(CalibScriptArguments(**small, calibration_split="held_out"))
+    detection = dict(keys=("train", "calibration"), optional=())
+    assert set(load_splits(CalibScriptArguments(**small, ood_split="odd"), **detection)) == {"train", "calibration"}
+    with pytest.raises(MissingSplitError, match="--calibration_split 'held_out'"):
+        load_splits(CalibScriptArguments(**small, calibration_split="held_out"), **detection)
 
 
 def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
@@ -77,7 +125,7 @@ def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
     )
     assert "base / test" in stdout and "CogCalib / test" in stdout and "CogCalib / ood" in stdout
     assert "Knowledge detection" in stdout and "detection accuracy" in stdout
-    check_outputs(out, "cogcalib")
+    check_outputs(out, "cogcalib", stdout)
 
 
 @pytest.mark.distributed
@@ -104,7 +152,7 @@ def test_sft_cogcalib_example_with_config_under_accelerate_launch(tiny_model_dir
             str(out),
             "--bf16",
             "false",
-            "--gradient_checkpointing",
+            "--activation_checkpointing",
             "false",
             "--detection",
             "online",
@@ -117,7 +165,7 @@ def test_sft_cogcalib_example_with_config_under_accelerate_launch(tiny_model_dir
         tmp_path,
     )
     assert stdout.count("CogCalib / test") == 1  # printed by the main process only
-    check_outputs(out, "cogcalib")
+    check_outputs(out, "cogcalib", stdout)
 
 
 def test_rcft_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
@@ -139,7 +187,7 @@ def test_rcft_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
         tmp_path,
     )
     assert "RCFT / test" in stdout
-    check_outputs(out, "rcft")
+    check_outputs(out, "rcft", stdout)
 
 
 def test_detect_known_example(tiny_model_dir, tiny_dataset_dir, tmp_path):

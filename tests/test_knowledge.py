@@ -203,7 +203,7 @@ def test_online_flags_use_each_examples_answer_nll(tmp_path, padding_free):
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         shuffle_dataset=False,
         padding_free=padding_free,
         max_length=None if padding_free else 1024,

