@@ -97,13 +97,21 @@ def format_table(
 
 def cmd_evaluate(args) -> dict:
     from .mcq import score_multiple_choice
-    from .metrics import calibration_report, reliability_diagram_data
+    from .metrics import calibration_gaps, calibration_report, reliability_diagram_data
     from .plotting import plot_reliability_diagram
 
     data = load_mcq_dataset(args.dataset, args.split, args.max_samples, args.seed)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     scores = score_multiple_choice(model, tokenizer, data, batch_size=args.batch_size, desc=f"Scoring {args.split}")
     report = calibration_report(scores.probs, scores.labels, n_bins=args.n_bins)
+    train_report = None
+    if args.train_split is not None:
+        train = load_mcq_dataset(args.dataset, args.train_split, args.max_samples, args.seed)
+        train_scores = score_multiple_choice(
+            model, tokenizer, train, args.batch_size, desc=f"Scoring {args.train_split}"
+        )
+        train_report = calibration_report(train_scores.probs, train_scores.labels, n_bins=args.n_bins)
+    gaps = calibration_gaps(report, train_report)
     os.makedirs(args.output_dir, exist_ok=True)
     diagram = os.path.join(args.output_dir, "reliability_diagram.png")
     data_rd = reliability_diagram_data(scores.confidences, scores.correct, n_bins=args.n_bins)
@@ -114,12 +122,18 @@ def cmd_evaluate(args) -> dict:
         "split": args.split,
         "n": len(data),
         "report": report,
+        "gaps": gaps,
         "reliability_diagram": data_rd,
     }
     path = os.path.join(args.output_dir, "calibration.json")
     with open(path, "w") as f:
         json.dump(json_safe(out), f, indent=2)
     print(format_table({f"{args.model} / {args.split}": report}))
+    print(f"\nconfidence gap |accuracy - mean confidence| = {gaps['confidence_gap']:.4f} (a lower bound on the ECE)")
+    if train_report is not None:
+        print(
+            f"{args.train_split} accuracy {gaps['train_accuracy']:.4f}: {gaps['accuracy_gap']:+.4f} over {args.split}"
+        )
     print(f"\nWrote {path} and {diagram}")
     return out
 
@@ -197,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(ev)
     ev.add_argument("--split", default="test")
     ev.add_argument("--n-bins", type=int, default=10)
+    ev.add_argument(
+        "--train-split",
+        default=None,
+        help="Also score the training rows of this split: their accuracy gap to --split.",
+    )
     ev.add_argument("--output-dir", default="outputs/evaluate")
     ev.set_defaults(func=cmd_evaluate)
 
