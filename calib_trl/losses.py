@@ -447,12 +447,13 @@ def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor, gradient: bool 
     Returns:
         `[N, K]` targets.
     """
+    # The top option is read in the caller's precision: float32 rounding can tie two nearly equal options
+    top = probs.detach().argmax(-1)
     probs = probs.float() if gradient else probs.detach().float()
     acc = bin_accuracy.detach().float().to(probs.device)
     n, k = probs.shape
     if k < 2:
         raise ValueError(f"RCFT needs at least 2 options per question, got {k}.")
-    top = probs.argmax(-1)
     others_mask = torch.ones_like(probs, dtype=torch.bool)
     others_mask[torch.arange(n), top] = False
     others = probs[others_mask].view(n, k - 1)  # original order of the non-top options

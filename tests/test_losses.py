@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from calib_trl import losses
@@ -68,6 +68,7 @@ probability_rows = st.integers(2, 8).flatmap(
 
 @settings(max_examples=60, deadline=None)
 @given(rows=probability_rows, acc=st.floats(0.0, 1.0))
+@example(rows=[[0.001, 0.0010000000000000002]], acc=0.0)  # the two options tie once rounded to float32
 def test_rcft_target_properties(rows, acc):
     p = torch.tensor(rows, dtype=torch.float64)
     p = p / p.sum(-1, keepdim=True)
