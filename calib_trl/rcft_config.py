@@ -60,8 +60,9 @@ class RCFTConfig(CalibSFTConfig):
 
     - **E-step rows.** The authors estimate the per-bin accuracies on the training rows. Those are the rows the model
       is learning, so their accuracy runs ahead of held-out accuracy and the targets pull confidence up towards it
-      (in the CPU reproduction, CoECP + RCFT in the short regime ended with mean confidence 0.49 against SFT's 0.40).
-      calib-trl scores held-out rows whenever it is given them (`estep_source="auto"`), and warns when it is not.
+      (in the CPU reproduction, one seed, CoECP + RCFT in the short regime ended with mean confidence 0.49 against
+      SFT's 0.40). calib-trl scores held-out rows whenever it is given them (`estep_source="auto"`), and warns when
+      it is not.
     - **L_ECE normalisation.** The authors divide each bin's sum by the bin's count over the whole E-step (their
       training set) and weight the term `0.5 * 1e-3` against `0.5 * L_SFT`. A batch of `B` rows then carries about
       `B / N_train` of the term, so its pull shrinks with the size of the training set: on SmolLM2-135M and MMLU
