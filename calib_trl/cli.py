@@ -97,7 +97,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | None = N
 
 def cmd_evaluate(args) -> dict:
     from .mcq import score_multiple_choice
-    from .metrics import reliability_diagram_data
+    from .metrics import calibration_gaps, reliability_diagram_data
     from .plotting import plot_reliability_diagram
     from .temperature_scaling import apply_temperature, fit_temperature
 
@@ -129,6 +129,14 @@ def cmd_evaluate(args) -> dict:
                 raise ValueError(f"--temperature must be `auto` or a number > 0, got {args.temperature!r}.")
         scaled = scores.report(n_bins=args.n_bins, temperature=temperature)
         rows[f"{args.model} / {part}, T={temperature:.3g}"] = scaled
+    train_report = None
+    if args.train_split is not None:
+        train = load_mcq_dataset(args.dataset, args.train_split, args.max_samples, args.seed)
+        train_scores = score_multiple_choice(
+            model, tokenizer, train, args.batch_size, desc=f"Scoring {args.train_split}"
+        )
+        train_report = train_scores.report(n_bins=args.n_bins)
+    gaps = calibration_gaps(report, train_report)
     os.makedirs(args.output_dir, exist_ok=True)
     diagram = os.path.join(args.output_dir, "reliability_diagram.png")
     data_rd = reliability_diagram_data(scores.confidences, scores.correct, n_bins=args.n_bins)
@@ -140,6 +148,7 @@ def cmd_evaluate(args) -> dict:
         "split": split,
         "n": len(data),
         "report": report,
+        "gaps": gaps,
         "reliability_diagram": data_rd,
     }
     if temperature is not None:
@@ -156,6 +165,9 @@ def cmd_evaluate(args) -> dict:
     with open(path, "w") as f:
         json.dump(json_safe(out), f, indent=2)
     print(format_table(rows))
+    print(f"\nconfidence gap |accuracy - mean confidence| = {gaps['confidence_gap']:.4f} (a lower bound on the ECE)")
+    if train_report is not None:
+        print(f"{args.train_split} accuracy {gaps['train_accuracy']:.4f}: {gaps['accuracy_gap']:+.4f} over {part}")
     print(f"\nWrote {path} and {diagram}")
     return out
 
@@ -305,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--calibration-split", default="calibration", help="Split `--temperature auto` is fitted on.")
     ev.add_argument("--max-calibration-samples", type=int, default=None)
+    ev.add_argument(
+        "--train-split",
+        default=None,
+        help="Also score the training rows of this split: their accuracy gap to --split.",
+    )
     ev.add_argument("--output-dir", default="outputs/evaluate")
     ev.set_defaults(func=cmd_evaluate)
 

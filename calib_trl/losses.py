@@ -491,7 +491,7 @@ def confidence_bins(confidences: torch.Tensor, n_bins: int) -> torch.Tensor:
     return torch.bucketize(confidences.detach().double(), edges, right=True).clamp(0, n_bins - 1)
 
 
-def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor) -> torch.Tensor:
+def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor, gradient: bool = False) -> torch.Tensor:
     """
     RCFT's M-step target for each row of option probabilities.
 
@@ -506,16 +506,20 @@ def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor) -> torch.Tensor
     Args:
         probs: `[N, K]` option probabilities (rows sum to 1), `K >= 2`.
         bin_accuracy: `[N]` accuracy of each row's confidence bin.
+        gradient: keep the targets' dependence on `probs` in the graph (through `gamma` and the `tanh` terms), as the
+            authors' code does. By default the targets are constants of the step: a fixed point for the regression,
+            as in the E/M alternation.
 
     Returns:
-        `[N, K]` targets, without gradient (a fixed point for the regression, as in the E/M alternation).
+        `[N, K]` targets.
     """
-    probs = probs.detach().float()
+    # The top option is read in the caller's precision: float32 rounding can tie two nearly equal options
+    top = probs.detach().argmax(-1)
+    probs = probs.float() if gradient else probs.detach().float()
     acc = bin_accuracy.detach().float().to(probs.device)
     n, k = probs.shape
     if k < 2:
         raise ValueError(f"RCFT needs at least 2 options per question, got {k}.")
-    top = probs.argmax(-1)
     others_mask = torch.ones_like(probs, dtype=torch.bool)
     others_mask[torch.arange(n), top] = False
     others = probs[others_mask].view(n, k - 1)  # original order of the non-top options
@@ -542,11 +546,12 @@ def rcft_ece_loss(
     row_accuracy: torch.Tensor,
     n_bins: int,
     num_choices: torch.Tensor | None = None,
+    bin_counts: torch.Tensor | None = None,
+    target_gradient: bool = False,
 ) -> torch.Tensor:
     """
     RCFT's ECE surrogate: `sum_b (1/N_b) sum_{i in b} [(m_i - acc_b)^2 + sum_j (q_ij - t_ij)^2]`, i.e. the squared
-    distance of each row's option probabilities to its `rcft_target`, averaged within each bin and summed over bins
-    (`N_b` counts the rows of this batch in bin `b`).
+    distance of each row's option probabilities to its `rcft_target`, divided by its bin's count `N_b` and summed.
 
     Args:
         probs: `[N, K]` differentiable option probabilities (rows with fewer options zero-padded).
@@ -554,6 +559,11 @@ def rcft_ece_loss(
         row_accuracy: `[N]` the E-step's accuracy of each row's bin.
         n_bins: number of bins.
         num_choices: `[N]` options of each row (default: all `K`).
+        bin_counts: `[n_bins]` the `N_b` each bin's sum is divided by. Default: the rows of this batch in the bin, so
+            each bin present contributes its mean. The authors divide by the bin's count over the E-step instead
+            (see `RCFTConfig.ece_normalization`).
+        target_gradient: let the gradient flow through the targets (`rcft_target(..., gradient=True)`), as the
+            authors' code does.
     """
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
@@ -564,7 +574,8 @@ def rcft_ece_loss(
     for k in torch.unique(num_choices).tolist():
         rows = num_choices == k
         p = probs[rows][:, :k].float()
-        target = rcft_target(p, row_accuracy[rows])
+        target = rcft_target(p, row_accuracy[rows], gradient=target_gradient)
         sq = sq.index_put((rows.nonzero().squeeze(1),), ((p - target) ** 2).sum(-1))
-    counts = torch.zeros(n_bins, device=probs.device).index_add_(0, bins, torch.ones_like(sq))
-    return (sq / counts[bins]).sum()
+    if bin_counts is None:
+        bin_counts = torch.zeros(n_bins, device=probs.device).index_add_(0, bins, torch.ones_like(sq))
+    return (sq / bin_counts.to(sq.device, sq.dtype)[bins]).sum()

@@ -694,3 +694,25 @@ def _format_cell(value) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.4f}"
+
+
+def calibration_gaps(report: dict, train_report: dict | None = None) -> dict[str, float]:
+    r"""
+    The two gaps that tell whether fine-tuning on more of the same data can still restore calibration, read from
+    `calibration_report` results.
+
+    - `confidence_gap`: `|accuracy - mean_confidence|` on the evaluated rows. It is a lower bound on the ECE under any
+      binning, since `ECE = sum_b (n_b / n) |acc_b - conf_b| >= |sum_b (n_b / n) (acc_b - conf_b)|`: a model whose
+      mean confidence is off by this much cannot be calibrated by re-spreading its confidences within bins.
+    - `train_accuracy` and `accuracy_gap` (with `train_report`, the same metrics on training rows): the training rows'
+      accuracy and how far it runs ahead of the evaluated rows' (`train - evaluated`). A large gap means the model is
+      fitting its training rows, and an E-step on those rows would give targets above held-out accuracy.
+
+    The RCFT paper (Xiao et al., 2025) separates "calibratable" and "non-calibratable" regimes by bounds on the ECE and
+    a critical accuracy; those definitions are not implemented here (see the README's CFT/RCFT guide).
+    """
+    gaps = {"confidence_gap": abs(float(report["accuracy"]) - float(report["mean_confidence"]))}
+    if train_report is not None:
+        gaps["train_accuracy"] = float(train_report["accuracy"])
+        gaps["accuracy_gap"] = float(train_report["accuracy"]) - float(report["accuracy"])
+    return gaps

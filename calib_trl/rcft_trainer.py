@@ -6,7 +6,7 @@ import torch
 from .calib_sft_trainer import CalibSFTTrainer
 from .losses import confidence_bins, rcft_ece_loss
 from .mcq import score_multiple_choice, validate_mcq_dataset
-from .metrics import calibration_report
+from .metrics import calibration_gaps, calibration_report
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
 from .trainer_utils import ANSWER_COLUMN, predicting, shifted
@@ -23,21 +23,33 @@ class RCFTTrainer(CalibSFTTrainer):
     with `sft_loss="completion"`; CogCalib's terms can be added through the inherited `calibration_loss`). `L_ECE` is
     an EM-style regulariser:
 
-    - E-step: score a fixed subset of the training rows with the current model (batched, no gradient, sharded across
-      processes and gathered, so every process holds the same statistics), put each row in one of `n_bins`
-      equal-width bins of its top option probability, and estimate each bin's accuracy. Repeated at the start of every
-      epoch, every N steps, or once (`bin_refresh`). Unlike the authors' code, every bin is used, the top one included.
+    - E-step: score a fixed subset of held-out rows (`estep_dataset`, else `calibration_dataset`; the training rows
+      when neither is given, with a warning, or with `estep_source="train"`) with the current model (batched, no
+      gradient, sharded across processes and gathered, so every process holds the same statistics), put each row in
+      one of `n_bins` equal-width bins of its top option probability, and estimate each bin's accuracy. Repeated at
+      the start of every epoch, every N steps, or once (`bin_refresh`). Unlike the authors' code, every bin is used,
+      the top one included.
     - M-step (the loss): pull each row's option probabilities, from the option-letter logits at the answer position,
       towards `rcft_target` — top entry equal to its bin's accuracy, the others sharing the rest in rank order. The
-      target is a constant of the step (no gradient through it): the E/M alternation regresses the model onto fixed
-      targets, and a gradient through the target would also move the statistics it was built from.
+      target is a constant of the step by default (`ece_target_gradient`): the E/M alternation regresses the model
+      onto fixed targets.
+
+    `RCFTConfig`'s docstring lists every departure from the paper and the authors' code, and why.
+
+    Logged beside the losses (`rcft/...`): the E-step's accuracy, conf-ECE, class-wise ECE and confidence gap
+    `|accuracy - mean confidence|` (a lower bound on the ECE under any binning), the accuracy and confidence of the
+    batches' own rows at their answer positions (`row_accuracy`, `row_confidence`, before the step's update), and,
+    when the E-step reads held-out rows, `accuracy_gap`: the batches' accuracy minus the E-step's.
 
     Only the `K` option rows of the LM head are projected at the answer positions (`K x hidden` per example), so
     the term costs almost nothing; the E-step costs one prompt-only forward pass per scored row.
 
     Args:
         model, args, ...: as in [`CalibSFTTrainer`] / [`~trl.SFTTrainer`].
-        estep_dataset (`datasets.Dataset`, *optional*): rows the E-step scores instead of the training rows.
+        estep_dataset (`datasets.Dataset`, *optional*): held-out multiple-choice rows for the E-step.
+        calibration_dataset (`datasets.Dataset`, *optional*): held-out multiple-choice rows; the E-step scores them
+            when no `estep_dataset` is given, and CogCalib's online detection (when switched on) fits its threshold
+            on them.
     """
 
     _tag_names = ["trl", "sft", "calib-trl", "rcft"]
@@ -48,7 +60,9 @@ class RCFTTrainer(CalibSFTTrainer):
         "citation": RCFT_CITATION + "\n\n" + COGCALIB_CITATION,
     }
 
-    def __init__(self, model, args: RCFTConfig | None = None, *pos_args, estep_dataset=None, **kwargs):
+    def __init__(
+        self, model, args: RCFTConfig | None = None, *pos_args, estep_dataset=None, calibration_dataset=None, **kwargs
+    ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = RCFTConfig(f"{str(name).split('/')[-1]}-RCFT")
@@ -63,21 +77,52 @@ class RCFTTrainer(CalibSFTTrainer):
         self._rcft_active = args.ece_weight > 0
         if args.calibrates:  # RCFT combined with CogCalib's calibration loss
             self._tag_names = [*type(self)._tag_names, "cogcalib"]
-        estep_rows = estep_dataset if estep_dataset is not None else train_dataset
-        if estep_dataset is not None:
-            validate_mcq_dataset(estep_dataset, name="estep_dataset")
+        estep_rows, self.estep_source = self._pick_estep_rows(args, train_dataset, estep_dataset, calibration_dataset)
         if args.estep_samples is not None and len(estep_rows) > args.estep_samples:
             pick = np.random.default_rng(args.seed).choice(len(estep_rows), args.estep_samples, replace=False)
             estep_rows = estep_rows.select(np.sort(pick))
         self._estep_rows = estep_rows
         self._option_ids = None
         self._excluded_rows = 0
+        self._ece_rows = None  # training rows with an answer position (the `"estep"` normalisation's N)
         self._bin_stats = None
         self._estep_marker = None  # the epoch / step of the last E-step
+        # CalibSFTTrainer reads `calibration_dataset` for online detection only, and says it ignores it otherwise
+        online = args.calibrates and args.apply_to == "known" and args.detection == "online"
+        kwargs["calibration_dataset"] = calibration_dataset if online else None
         super().__init__(model, args, *pos_args, **kwargs)
         self._install_flag_collator((ANSWER_COLUMN,), required=True)
         if self._option_ids is None:
             raise RuntimeError("The answer positions were not located during dataset preparation.")
+
+    def _pick_estep_rows(self, args, train_dataset, estep_dataset, calibration_dataset):
+        """The rows the E-step scores and where they come from (`"heldout"` or `"train"`), per `estep_source`."""
+        heldout, name = (
+            (estep_dataset, "estep_dataset")
+            if estep_dataset is not None
+            else (calibration_dataset, "calibration_dataset")
+        )
+        if heldout is not None:
+            validate_mcq_dataset(heldout, name=name)
+        if args.estep_source == "heldout" and heldout is None:
+            raise ValueError(
+                "`estep_source='heldout'` needs held-out multiple-choice rows: pass `estep_dataset=` or "
+                "`calibration_dataset=` to the trainer, or set `estep_source='train'`."
+            )
+        if heldout is not None and args.estep_source != "train":
+            if self._rcft_active:
+                logger.info("RCFT E-step: %d held-out rows (`%s`).", len(heldout), name)
+            return heldout, "heldout"
+        if self._rcft_active and args.estep_source == "auto":
+            logger.warning(
+                "RCFT's E-step reads the training rows: their accuracy runs ahead of held-out accuracy as the model "
+                "learns them, and the targets pull confidence up towards it. Pass held-out multiple-choice rows "
+                "(`calibration_dataset=` or `estep_dataset=`), or set `estep_source='train'` to keep this choice "
+                "without the warning."
+            )
+        elif self._rcft_active:
+            logger.info("RCFT E-step: the training rows (`estep_source='train'`).")
+        return train_dataset, "train"
 
     # -- dataset -------------------------------------------------------------------------------------------------
 
@@ -146,12 +191,16 @@ class RCFTTrainer(CalibSFTTrainer):
                 model, predicting(hidden, inputs)[at], shifted(answers, inputs)[at]
             )
             probs = _option_softmax(option_logits, num_choices)
-        conf = probs.detach().max(-1).values
-        bins = confidence_bins(conf, args.n_bins)
-        accuracy = self._bin_stats["accuracy"].to(conf.device)[bins]
-        # A bin the E-step left empty has no estimate: its rows keep their own confidence as the top target
-        accuracy = torch.where(torch.isnan(accuracy), conf, accuracy)
-        ece = rcft_ece_loss(probs, bins, accuracy, args.n_bins, num_choices)
+        bins, accuracy = self._row_bins(probs)
+        ece = rcft_ece_loss(
+            probs,
+            bins,
+            accuracy,
+            args.n_bins,
+            num_choices,
+            bin_counts=self._ece_bin_counts(bins),
+            target_gradient=args.ece_target_gradient,
+        )
         steps = getattr(self, "current_gradient_accumulation_steps", 1)
         scale = 1.0 / steps if (num_items_in_batch is not None and mode == "train") else 1.0
         loss = (1 - args.ece_weight) * base + args.ece_weight * args.ece_scale * ece * scale
@@ -161,12 +210,51 @@ class RCFTTrainer(CalibSFTTrainer):
         denominator = n_tokens if num_items_in_batch is None else num_items_in_batch
         sft_sum = base.detach() / self._loss_scale(num_items_in_batch) * torch.as_tensor(denominator).clamp(min=1)
         self._log_mean(mode, "rcft/sft_loss", sft_sum, n_tokens)
-        stats = self._bin_stats
-        for key in ("estep_accuracy", "estep_ece", "estep_cw_ece"):
-            self._metrics[mode][f"rcft/{key}"] = [stats[key]]
+        self._log_rows(mode, probs.detach(), inputs["input_ids"][answers > 0])
         if self._excluded_rows:
             self._metrics[mode]["rcft/excluded_rows"] = [self._excluded_rows]
         return (loss, result[1]) if return_outputs else loss
+
+    def _row_bins(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's confidence bin and that bin's E-step accuracy, the target of its top entry."""
+        conf = probs.detach().max(-1).values
+        bins = confidence_bins(conf, self.args.n_bins)
+        accuracy = self._bin_stats["accuracy"].to(conf.device)[bins]
+        # A bin the E-step left empty has no estimate (the authors use 0): its rows keep their own confidence
+        return bins, torch.where(torch.isnan(accuracy), conf, accuracy)
+
+    def _ece_bin_counts(self, bins: torch.Tensor) -> torch.Tensor | None:
+        """
+        The `N_b` of `rcft_ece_loss`: `None` (this batch's rows in each bin) under `ece_normalization="batch"`; under
+        `"estep"`, the bin's share of the E-step rows times the number of training rows that get the term — the
+        authors' count when the E-step scores the whole training set — and at least the batch's rows in the bin
+        (a bin the E-step left empty would otherwise divide by zero).
+        """
+        if self.args.ece_normalization == "batch":
+            return None
+        if self._ece_rows is None:
+            self._ece_rows = sum(sum(1 for v in row if v > 0) for row in self.train_dataset[ANSWER_COLUMN])
+        counts = self._bin_stats["counts"].to(bins.device, torch.float32)
+        expected = counts / counts.sum() * self._ece_rows
+        in_batch = torch.zeros_like(expected).index_add_(0, bins, torch.ones_like(bins, dtype=expected.dtype))
+        return torch.maximum(expected, in_batch)
+
+    def _log_rows(self, mode: str, probs: torch.Tensor, answer_ids: torch.Tensor) -> None:
+        """The E-step's statistics, and the accuracy and confidence of this batch's rows (`answer_ids`: the letters)."""
+        stats = self._bin_stats
+        for key in ("estep_accuracy", "estep_ece", "estep_cw_ece", "estep_confidence_gap"):
+            if key in stats:  # (a checkpoint from an older version has no confidence gap)
+                self._metrics[mode][f"rcft/{key}"] = [stats[key]]
+        option_ids = torch.tensor(self._option_ids, device=probs.device)
+        correct = (option_ids[probs.argmax(-1)] == answer_ids).float()
+        local = torch.stack([correct.sum(), probs.max(-1).values.sum().float(), correct.new_tensor(len(correct))])
+        hits, confidence, rows = self.accelerator.gather_for_metrics(local[None]).sum(0).tolist()
+        if rows == 0:
+            return
+        self._metrics[mode]["rcft/row_accuracy"].append(hits / rows)
+        self._metrics[mode]["rcft/row_confidence"].append(confidence / rows)
+        if self.estep_source == "heldout":  # this batch's rows against the held-out rows
+            self._metrics[mode]["rcft/accuracy_gap"].append(hits / rows - stats["estep_accuracy"])
 
     # -- E-step --------------------------------------------------------------------------------------------------
 
@@ -209,6 +297,7 @@ class RCFTTrainer(CalibSFTTrainer):
             "estep_accuracy": report["accuracy"],
             "estep_ece": report["ece"],
             "estep_cw_ece": report["cw_ece"],
+            "estep_confidence_gap": calibration_gaps(report)["confidence_gap"],
         }
 
     def _estep(self, model) -> None:
@@ -217,8 +306,10 @@ class RCFTTrainer(CalibSFTTrainer):
         self._estep_marker = int(self.state.epoch + 1e-9) if refresh == "epoch" else self.state.global_step
         s = self._bin_stats
         logger.info(
-            "RCFT E-step at step %d: accuracy %.4f, conf-ECE %.4f, class-wise ECE %.4f; bin counts %s",
+            "RCFT E-step at step %d on %d %s rows: accuracy %.4f, conf-ECE %.4f, class-wise ECE %.4f; bin counts %s",
             self.state.global_step,
+            len(self._estep_rows),
+            "held-out" if self.estep_source == "heldout" else "training",
             s["estep_accuracy"],
             s["estep_ece"],
             s["estep_cw_ece"],
@@ -253,6 +344,9 @@ class RCFTTrainer(CalibSFTTrainer):
         settings = {
             "ece_weight": a.ece_weight,
             "ece_scale": a.ece_scale,
+            "ece_normalization": a.ece_normalization,
+            "ece_target_gradient": a.ece_target_gradient,
+            "estep_rows": self.estep_source,
             "n_bins": a.n_bins,
             "sft_loss": a.sft_loss,
             "bin_refresh": a.bin_refresh,

@@ -12,6 +12,9 @@ Full scale, on a GPU:
 
     accelerate launch examples/rcft.py --config examples/configs/rcft_full.yaml
 
+The E-step scores the calibration split's rows (`--calibration_split`, `--max_calibration_samples`), held out from
+training; `--estep_source train` scores the training rows instead, as the authors' code does.
+
 It prints a before/after table (accuracy, ECE, class-wise ECE, Brier), writes reliability diagrams, the model and a
 model card with the calibration results.
 """
@@ -39,6 +42,7 @@ def main(script_args, training_args, model_args):
         train_dataset=splits["train"],
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        calibration_dataset=splits.get("calibration"),  # held-out rows for the E-step (`--estep_source train`: not)
     )
     add_calibration_callback(trainer, splits, script_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

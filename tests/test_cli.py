@@ -46,6 +46,23 @@ def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir
     assert (out / "reliability_diagram.png").stat().st_size > 1000
 
 
+def test_evaluate_reports_the_confidence_and_accuracy_gaps(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--output-dir", str(out)]
+    assert main([*argv, "--split", "test", "--train-split", "train"]) == 0
+    printed = capsys.readouterr().out
+    gaps = json.loads((out / "calibration.json").read_text())["gaps"]
+    data = load_from_disk(str(tiny_dataset_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    test = score_multiple_choice(model, make_tokenizer(), data["test"], progress=False)
+    train = score_multiple_choice(model, make_tokenizer(), data["train"], progress=False)
+    assert gaps["confidence_gap"] == pytest.approx(abs(test.correct.mean() - test.confidences.mean()))
+    assert gaps["train_accuracy"] == pytest.approx(train.correct.mean())
+    assert gaps["accuracy_gap"] == pytest.approx(train.correct.mean() - test.correct.mean())
+    assert f"= {gaps['confidence_gap']:.4f} (a lower bound on the ECE)" in printed
+    assert f"train accuracy {gaps['train_accuracy']:.4f}: {gaps['accuracy_gap']:+.4f} over test" in printed
+
+
 def test_detect_saves_flags(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
     out = tmp_path / "flags"
     assert (

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from calib_trl import losses
@@ -25,6 +25,21 @@ def authors_target(p, acc):
         for j, x in zip(others, th):
             t[j] = (1 - acc) * (1 + x) / (k - 1 + sum(th))
     return t
+
+
+def authors_target_torch(p: torch.Tensor, acc: float) -> torch.Tensor:
+    """
+    The authors' target as their code computes it (`not_max_target_confidence`, with `K - 1` for their hard-coded 3),
+    differentiable: the sorted non-top probabilities `q` (descending) followed by their targets, so that
+    `((q - t) ** 2).sum()` is their per-row non-top term, with the gradient flowing through `t` as in their code.
+    """
+    q = torch.sort(p, descending=True).values[1:]
+    if acc == 1.0:
+        return q, torch.zeros_like(q)
+    gamma = math.log(len(p) - 1) / q[0] * (1 / (1 - acc))
+    th = torch.tanh(gamma * q)
+    alpha = (1 - acc) / (th.sum() + len(p) - 1)
+    return q, alpha * th + alpha
 
 
 def test_rcft_target_hand_computed():
@@ -53,6 +68,7 @@ probability_rows = st.integers(2, 8).flatmap(
 
 @settings(max_examples=60, deadline=None)
 @given(rows=probability_rows, acc=st.floats(0.0, 1.0))
+@example(rows=[[0.001, 0.0010000000000000002]], acc=0.0)  # the two options tie once rounded to float32
 def test_rcft_target_properties(rows, acc):
     p = torch.tensor(rows, dtype=torch.float64)
     p = p / p.sum(-1, keepdim=True)
@@ -92,6 +108,64 @@ def test_rcft_ece_loss_matches_reference():
     bin_accuracy = torch.rand(10)
     loss = rcft_ece_loss(probs, bins, bin_accuracy[bins], 10)
     assert abs(loss.item() - reference_ece_loss(probs, bins.tolist(), bin_accuracy.tolist(), 10)) < 1e-5
+
+
+def test_rcft_ece_loss_divides_by_given_bin_counts():
+    # the authors' normalisation: each bin's sum over the batch divided by its count over the E-step
+    torch.manual_seed(3)
+    probs = torch.randn(12, 4).mul(2).softmax(-1)
+    bins = confidence_bins(probs.max(-1).values, 10)
+    bin_accuracy = torch.rand(10)
+    counts = torch.arange(1.0, 11.0) * 7
+    loss = rcft_ece_loss(probs, bins, bin_accuracy[bins], 10, bin_counts=counts)
+    want = 0.0
+    for i in range(12):
+        t = authors_target(probs[i].tolist(), bin_accuracy[bins[i]].item())
+        want += sum((probs[i, j].item() - t[j]) ** 2 for j in range(4)) / counts[bins[i]].item()
+    assert abs(loss.item() - want) < 1e-6
+    # and not the per-batch mean, which the default gives
+    assert abs(rcft_ece_loss(probs, bins, bin_accuracy[bins], 10).item() - want) > 1e-3
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_rcft_target_gradient_flows_only_when_asked(k):
+    # Default: the target is a constant (calib-trl). `target_gradient=True`: the authors' code, whose target is a
+    # differentiable function of the probabilities it is compared with.
+    torch.manual_seed(k)
+    logits = torch.randn(6, k, dtype=torch.float64).mul(1.5).requires_grad_()
+    bins = confidence_bins(logits.softmax(-1).max(-1).values, 10)
+    acc = (torch.rand(10, dtype=torch.float64) * 0.9)[bins]
+    grads = {}
+    for flow in (False, True):
+        probs = logits.softmax(-1)
+        loss = rcft_ece_loss(probs, bins, acc, 10, bin_counts=torch.ones(10), target_gradient=flow)
+        grads[flow] = torch.autograd.grad(loss, logits)[0]
+        probs = logits.softmax(-1)
+        reference = 0.0
+        for i in range(6):
+            q, t = authors_target_torch(probs[i], acc[i].item())
+            t = t if flow else t.detach()
+            reference = reference + (probs[i].max() - acc[i]) ** 2 + ((q - t) ** 2).sum()
+        torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-7)
+        want = torch.autograd.grad(reference, logits)[0]
+        torch.testing.assert_close(grads[flow], want, rtol=1e-4, atol=1e-6)
+    if k > 2:  # with two options the non-top target is `1 - acc`, a constant either way
+        assert (grads[True] - grads[False]).abs().max() > 1e-4
+    else:
+        torch.testing.assert_close(grads[True], grads[False])
+
+
+def test_top_bin_gets_the_term():
+    # The authors' loss loop stops one bin short: rows with confidence >= 0.9 never get the term. calib-trl's does.
+    probs = torch.tensor([[0.95, 0.03, 0.015, 0.005]], requires_grad=True)
+    bins = confidence_bins(probs.max(-1).values, 10)
+    assert bins.tolist() == [9]
+    loss = rcft_ece_loss(probs, bins, torch.tensor([0.6]), 10)
+    t = authors_target([0.95, 0.03, 0.015, 0.005], 0.6)
+    assert abs(loss.item() - sum((p - x) ** 2 for p, x in zip([0.95, 0.03, 0.015, 0.005], t))) < 1e-6
+    assert loss.item() > 0.1 and probs.grad is None
+    loss.backward()
+    assert probs.grad[0, 0] > 0  # pulls the top probability down towards the bin's accuracy
 
 
 def test_confidence_bins_edges_and_top_bin():

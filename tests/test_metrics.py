@@ -13,6 +13,7 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_cali
 from calib_trl.metrics import (
     NLL_EPS,
     brier_score,
+    calibration_gaps,
     calibration_report,
     classwise_ece,
     confidence_auroc,
@@ -618,3 +619,21 @@ def test_smooth_ece_is_in_the_report_and_order_invariant():
     assert calibration_report(probs[perm], labels[perm])["smooth_ece"] == pytest.approx(
         report["smooth_ece"], abs=1e-12
     )
+
+
+def test_calibration_gaps_hand_computed():
+    report = calibration_report([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.9, 0.05, 0.05]], [0, 2, 0])
+    train = calibration_report([[0.6, 0.4], [0.2, 0.8]], [0, 1])
+    gaps = calibration_gaps(report, train)
+    assert gaps["confidence_gap"] == pytest.approx(abs(2 / 3 - (0.7 + 0.5 + 0.9) / 3))
+    assert gaps["train_accuracy"] == 1.0 and gaps["accuracy_gap"] == pytest.approx(1 - 2 / 3)
+    assert set(calibration_gaps(report)) == {"confidence_gap"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=probs_and_labels(), n_bins=st.integers(1, 20))
+def test_confidence_gap_is_a_lower_bound_on_ece(data, n_bins):
+    probs, labels = data
+    report = calibration_report(probs, labels, n_bins=n_bins)
+    gap = calibration_gaps(report)["confidence_gap"]
+    assert gap <= report["ece"] + 1e-9 and gap <= report["ece_equal_mass"] + 1e-9

@@ -1,14 +1,26 @@
-"""RCFTTrainer: CFT equals completion-only SFT; the ECE term matches a full-logits reference; bad rows are refused."""
+"""
+RCFTTrainer: CFT equals completion-only SFT; the ECE term matches a full-logits reference, in calib-trl's
+normalisation and in the authors' objective; the E-step reads held-out rows when it has them; bad rows are refused.
+
+Each departure from the paper and the authors' code that `RCFTConfig` lists is pinned here or in test_losses.py:
+E-step rows (`test_estep_reads_heldout_rows_by_default`), L_ECE normalisation (`test_ece_term_matches_full_logits_
+reference`, `test_estep_normalization_is_the_authors_objective`), the SFT term (`test_cft_equals_completion_only_sft`),
+the target gradient (`test_estep_normalization_is_the_authors_objective`, `test_rcft_target_gradient_flows_only_when_
+asked`), the bins (`test_top_bin_gets_the_term`, `test_estep_statistics_and_schedule`) and empty bins
+(`test_empty_estep_bins`).
+"""
+
+import logging
 
 import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
 from helpers import make_mcq_dataset, make_model, make_tokenizer
-from test_losses import authors_target
+from test_losses import authors_target, authors_target_torch
 from trl import SFTConfig, SFTTrainer
 
 from calib_trl import RCFTConfig, RCFTTrainer
-from calib_trl.losses import confidence_bins
+from calib_trl.losses import confidence_bins, rcft_ece_loss
 from calib_trl.mcq import LETTERS, score_multiple_choice
 
 
@@ -28,7 +40,31 @@ def config(tmp_path, **kwargs):
     return RCFTConfig(**base)
 
 
+def test_departures_defaults():
+    # calib-trl's choices where it departs from the authors; each is tested for what it computes below
+    args = RCFTConfig("out", report_to=[])
+    assert args.ece_normalization == "batch" and args.ece_scale == 1.0 and args.ece_weight == 0.5
+    assert args.ece_target_gradient is False
+    assert args.sft_loss == "completion" and args.completion_only_loss is True
+    assert args.estep_source == "auto" and args.bin_refresh == "epoch"
+
+
+def test_small_scale_with_batch_normalization_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="calib_trl"):
+        RCFTConfig("out", report_to=[], ece_scale=1e-3)
+    assert "`ece_scale=0.001` with `ece_normalization='batch'`" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calib_trl"):
+        RCFTConfig("out", report_to=[], ece_scale=1e-3, ece_normalization="estep")
+    assert "ece_scale" not in caplog.text
+    with pytest.raises(ValueError, match="`ece_normalization` must be one of"):
+        RCFTConfig("out", report_to=[], ece_normalization="dataset")
+    with pytest.raises(ValueError, match="`estep_source` must be one of"):
+        RCFTConfig("out", report_to=[], estep_source="calibration")
+
+
 def test_cft_equals_completion_only_sft(tmp_path):
+    # also pins the SFT term: the default `sft_loss="completion"` is the answer-only loss (L_SFT1, the authors' code)
     tok = make_tokenizer()
     data = make_mcq_dataset(12, seed=4)
     rcft = RCFTTrainer(
@@ -64,7 +100,8 @@ def test_cft_equals_completion_only_sft(tmp_path):
         assert torch.equal(a, b), n
 
 
-def reference(model, batch, option_ids, bin_accuracy, args, num_items):
+def reference_forward(model, batch, option_ids, num_items):
+    """Full logits: the completion-only SFT loss, and each answer row's option probabilities, options and answer."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_num_choices")}
     logits = model(**inputs, use_cache=False).logits.float()
     labels = batch["labels"][:, 1:]
@@ -81,6 +118,13 @@ def reference(model, batch, option_ids, bin_accuracy, args, num_items):
             for i, k in enumerate(ks)
         ]
     )
+    answers = torch.tensor([option_ids.index(t) for t in batch["input_ids"][rows, cols].tolist()])
+    return sft, probs, ks, answers
+
+
+def reference(model, batch, option_ids, bin_accuracy, args, num_items):
+    """calib-trl's objective: each bin's term averaged over the batch's rows in the bin, the target detached."""
+    sft, probs, ks, _ = reference_forward(model, batch, option_ids, num_items)
     bins = confidence_bins(probs.max(-1).values, args.n_bins)
     # the reference loss of each K group, then summed per bin as in the paper
     ece = 0.0
@@ -99,6 +143,23 @@ def reference(model, batch, option_ids, bin_accuracy, args, num_items):
             total = total + ((p - t) ** 2).sum()
         ece = ece + total / len(members)
     return (1 - args.ece_weight) * sft + args.ece_weight * args.ece_scale * ece
+
+
+def authors_reference(model, batch, option_ids, bin_accuracy, bin_counts, num_items):
+    """
+    The authors' `compute_loss` (github: ZhanliangAaronWang/RestoreLLMCalibration, train/Custom_Trainer.py) on full
+    logits: `(1 - 0.5) * L_SFT + 0.5 * 1e-3 * sum_k (1 / N_k) sum_{i in k} [(m_i - acc_k)^2 + sum_j (q_ij - t_ij)^2]`,
+    `N_k` the E-step's count, the gradient flowing through `t`; but with every bin, the top one included (their
+    loop stops one short: a departure calib-trl keeps, see `test_top_bin_gets_the_term`).
+    """
+    sft, probs, ks, _ = reference_forward(model, batch, option_ids, num_items)
+    bins = confidence_bins(probs.max(-1).values, len(bin_accuracy))
+    ece = 0.0
+    for i in range(len(probs)):
+        p, acc = probs[i, : int(ks[i])], float(bin_accuracy[bins[i]])
+        q, t = authors_target_torch(p, acc)
+        ece = ece + ((p.max() - acc) ** 2 + ((q - t) ** 2).sum()) / float(bin_counts[bins[i]])
+    return 0.5 * sft + 0.5 * 1e-3 * ece
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
@@ -135,6 +196,144 @@ def test_ece_term_matches_full_logits_reference(tmp_path, padding_free):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the batch's own rows: accuracy and confidence at the answer positions, logged beside the losses
+    _, probs, _, answers = reference_forward(model, batch, trainer._option_ids, num_items)
+    metrics = trainer._metrics["train"]
+    assert metrics["rcft/row_accuracy"][-1] == pytest.approx((probs.argmax(-1) == answers).float().mean().item())
+    assert metrics["rcft/row_confidence"][-1] == pytest.approx(probs.max(-1).values.mean().item(), rel=1e-5)
+    assert "rcft/accuracy_gap" not in metrics  # the E-step read the training rows
+
+
+def test_estep_normalization_is_the_authors_objective(tmp_path):
+    # The authors' setting: E-step on the whole training set, their normalisation, λ and target gradient
+    tok = make_tokenizer()
+    data = concatenate_datasets([make_mcq_dataset(10, seed=7), make_mcq_dataset(6, seed=8, num_choices=3)])
+    args = config(
+        tmp_path,
+        ece_weight=0.5,
+        ece_scale=1e-3,
+        ece_normalization="estep",
+        ece_target_gradient=True,
+        estep_source="train",
+        estep_samples=None,
+        bin_refresh="once",
+        per_device_train_batch_size=8,
+    )
+    trainer = RCFTTrainer(model=make_model(len(tok), seed=5), args=args, train_dataset=data, processing_class=tok)
+    trainer._estep(trainer.model)
+    stats = trainer._bin_stats
+    assert stats["counts"].sum() == 16 and trainer.estep_source == "train"
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # the E-step scored every training row, so each bin's count is the authors' `total_count`
+    ref = authors_reference(model, batch, trainer._option_ids, stats["accuracy"], stats["counts"], num_items)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-8, msg=name)
+    # ... which differs from calib-trl's default objective with the same λ
+    model.zero_grad()
+    assert abs(reference(model, batch, trainer._option_ids, stats["accuracy"], args, num_items) - ref) > 1e-6
+
+
+def test_empty_estep_bins(tmp_path):
+    # The authors give an empty E-step bin accuracy 0, and divide by its zero count. calib-trl: the row's own
+    # confidence is its top target, and the `"estep"` count is at least the batch's rows in the bin.
+    tok = make_tokenizer()
+    trainer = RCFTTrainer(
+        model=make_model(len(tok)),
+        args=config(tmp_path, ece_normalization="estep"),
+        train_dataset=make_mcq_dataset(10, seed=3),
+        processing_class=tok,
+    )
+    accuracy = torch.linspace(0.05, 0.95, 10)
+    accuracy[3] = float("nan")
+    counts = torch.tensor([0, 1, 2, 0, 3, 2, 1, 0, 1, 0], dtype=torch.float64)
+    trainer._bin_stats = {"accuracy": accuracy, "counts": counts}
+    probs = torch.tensor([[0.35, 0.3, 0.2, 0.15], [0.55, 0.25, 0.1, 0.1], [0.32, 0.3, 0.2, 0.18]])
+    bins, row_accuracy = trainer._row_bins(probs)
+    assert bins.tolist() == [3, 5, 3]
+    torch.testing.assert_close(row_accuracy, torch.tensor([0.35, accuracy[5].item(), 0.32]))
+    n_b = trainer._ece_bin_counts(bins)
+    # 10 training rows: bin b holds counts[b] / 10 of them; bin 3 is empty in the E-step but holds 2 batch rows
+    torch.testing.assert_close(n_b, torch.maximum(counts.float(), torch.tensor([0, 0, 0, 2, 0, 1, 0, 0, 0, 0.0])))
+    t = authors_target([0.35, 0.3, 0.2, 0.15], 0.35)
+    loss = rcft_ece_loss(probs, bins, row_accuracy, 10, bin_counts=n_b)
+    want = sum((p - x) ** 2 for p, x in zip([0.35, 0.3, 0.2, 0.15], t)) / 2
+    want += sum((p - x) ** 2 for p, x in zip([0.32, 0.3, 0.2, 0.18], authors_target([0.32, 0.3, 0.2, 0.18], 0.32))) / 2
+    want += (
+        sum(
+            (p - x) ** 2
+            for p, x in zip([0.55, 0.25, 0.1, 0.1], authors_target([0.55, 0.25, 0.1, 0.1], accuracy[5].item()))
+        )
+        / 2
+    )
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_estep_reads_heldout_rows_by_default(tmp_path, caplog):
+    tok = make_tokenizer()
+    train, heldout, other = make_mcq_dataset(8, seed=3), make_mcq_dataset(6, seed=11), make_mcq_dataset(5, seed=12)
+
+    def build(**kwargs):
+        args = kwargs.pop("args", {})
+        return RCFTTrainer(
+            model=make_model(len(tok), seed=6),
+            args=config(tmp_path, estep_samples=None, **args),
+            train_dataset=train,
+            processing_class=tok,
+            **kwargs,
+        )
+
+    with caplog.at_level(logging.INFO, logger="calib_trl"):
+        trainer = build(calibration_dataset=heldout)
+    assert trainer.estep_source == "heldout" and trainer._estep_rows["prompt"] == heldout["prompt"]
+    assert "only used by online detection" not in caplog.text and "E-step reads the training rows" not in caplog.text
+    stats = trainer.estimate_bins()
+    scores = score_multiple_choice(trainer.model, tok, heldout, progress=False)
+    assert stats["counts"].sum() == 6 and stats["estep_accuracy"] == pytest.approx(scores.correct.mean())
+    assert stats["estep_confidence_gap"] == pytest.approx(abs(scores.correct.mean() - scores.confidences.mean()))
+    assert trainer._card_settings()["estep_rows"] == "heldout"
+    # `estep_dataset` wins over `calibration_dataset`; `estep_source="train"` keeps the training rows
+    assert build(calibration_dataset=heldout, estep_dataset=other)._estep_rows["prompt"] == other["prompt"]
+    kept = build(calibration_dataset=heldout, args={"estep_source": "train"})
+    assert kept.estep_source == "train" and kept._estep_rows["prompt"] == train["prompt"]
+    with pytest.raises(
+        ValueError, match=r"`estep_source='heldout'` needs held-out .* `estep_dataset=` or `calibration_dataset=`"
+    ):
+        build(args={"estep_source": "heldout"})
+    with pytest.raises(ValueError, match=r"The calibration_dataset is missing the column\(s\) \['choices'\]"):
+        build(calibration_dataset=heldout.remove_columns("choices"))
+    # without held-out rows: one warning, however many E-steps run
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calib_trl"):
+        trainer = build(args={"bin_refresh": "1", "max_steps": 2, "logging_steps": 1})
+        trainer.train()
+    assert trainer.estep_source == "train" and trainer._estep_rows["prompt"] == train["prompt"]
+    assert caplog.text.count("RCFT's E-step reads the training rows") == 1
+
+
+def test_logs_training_against_heldout_accuracy(tmp_path):
+    tok = make_tokenizer()
+    trainer = RCFTTrainer(
+        model=make_model(len(tok), seed=6),
+        args=config(tmp_path, max_steps=2, logging_steps=1, bin_refresh="once"),
+        train_dataset=make_mcq_dataset(8, seed=3),
+        processing_class=tok,
+        calibration_dataset=make_mcq_dataset(6, seed=11),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rcft/row_accuracy" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert h["rcft/accuracy_gap"] == pytest.approx(h["rcft/row_accuracy"] - h["rcft/estep_accuracy"])
+        assert h["rcft/estep_confidence_gap"] == pytest.approx(trainer._bin_stats["estep_confidence_gap"])
 
 
 def test_invalid_rows_raise_or_are_excluded(tmp_path):
