@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from datasets import Dataset
+from transformers import TrainingArguments
 
 from .calib_sft_trainer import CalibSFTTrainer
 from .losses import confidence_bins, full_lm_head_params, rcft_ece_loss
@@ -17,7 +19,7 @@ from .mcq import (
 from .metrics import calibration_report
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
-from .trainer_utils import predicting, shifted, unwrap_base
+from .trainer_utils import predicting, resolve_config, shifted, unwrap_base
 from .utils import logger
 
 ANSWER_COLUMN = "answer_options"
@@ -58,21 +60,28 @@ class RCFTTrainer(CalibSFTTrainer):
         "citation": RCFT_CITATION + "\n\n" + COGCALIB_CITATION,
     }
 
-    def __init__(self, model, args: RCFTConfig | None = None, *pos_args, estep_dataset=None, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = RCFTConfig(f"{str(name).split('/')[-1]}-RCFT")
-        elif not isinstance(args, RCFTConfig):
-            raise TypeError(f"`args` must be an `RCFTConfig`, got {type(args).__name__}.")
+    def __init__(
+        self, model, args: RCFTConfig | TrainingArguments | None = None, *pos_args, estep_dataset=None, **kwargs
+    ):
+        args = resolve_config(args, RCFTConfig, model, "RCFT")
         train_dataset = kwargs.get("train_dataset", pos_args[1] if len(pos_args) > 1 else None)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required")
-        if not hasattr(train_dataset, "__len__"):
-            raise ValueError("RCFT needs a `datasets.Dataset` (an `IterableDataset` cannot be scored by the E-step).")
-        validate_mcq_dataset(train_dataset, name="train dataset", require_completion=True)
         self._rcft_active = args.ece_weight > 0
         if args.calibrates:  # RCFT combined with CogCalib's calibration loss
             self._tag_names = [*type(self)._tag_names, "cogcalib"]
+        self._option_ids = None
+        self._excluded_rows = 0
+        self._bin_stats = None
+        self._estep_marker = None  # the epoch / step of the last E-step
+        super().__init__(model, args, *pos_args, **kwargs)
+        if self._rcft_active and self._virtual_tokens:
+            raise ValueError(
+                "RCFT's ECE term reads the option-letter logits at each answer position, which prompt-learning "
+                "virtual tokens shift; it is not aligned with them yet. Use LoRA, prefix tuning, or `ece_weight=0` "
+                "(CFT)."
+            )
+        self._install_flag_collator((ANSWER_COLUMN,), required=True)
+        if self._option_ids is None:
+            raise RuntimeError("The answer positions were not located during dataset preparation.")
         estep_rows = estep_dataset if estep_dataset is not None else train_dataset
         if estep_dataset is not None:
             validate_mcq_dataset(estep_dataset, name="estep_dataset")
@@ -80,19 +89,23 @@ class RCFTTrainer(CalibSFTTrainer):
             pick = np.random.default_rng(args.seed).choice(len(estep_rows), args.estep_samples, replace=False)
             estep_rows = estep_rows.select(np.sort(pick))
         self._estep_rows = estep_rows
-        self._option_ids = None
-        self._excluded_rows = 0
-        self._bin_stats = None
-        self._estep_marker = None  # the epoch / step of the last E-step
-        super().__init__(model, args, *pos_args, **kwargs)
-        self._install_flag_collator((ANSWER_COLUMN,), required=True)
-        if self._option_ids is None:
-            raise RuntimeError("The answer positions were not located during dataset preparation.")
 
     # -- dataset -------------------------------------------------------------------------------------------------
 
     def _needs_hidden(self) -> bool:
         return True
+
+    def _adds_terms(self) -> bool:
+        return self._rcft_active or super()._adds_terms()
+
+    def _check_dataset(self, dataset, args, dataset_name: str) -> None:
+        super()._check_dataset(dataset, args, dataset_name)
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"RCFT needs a `datasets.Dataset` (an `IterableDataset` cannot be scored by the E-step), got "
+                f"{type(dataset).__name__} as the {dataset_name} dataset."
+            )
+        validate_mcq_dataset(dataset, name=f"{dataset_name} dataset", require_completion=True)
 
     def _reads_lm_head(self) -> bool:
         return self._rcft_active or super()._reads_lm_head()
