@@ -3,7 +3,11 @@
 - `ForwardCapture`: the fused LM head's output and the backbone's last hidden state of the training forward, read
   through forward hooks, so the trainers reuse `SFTTrainer.compute_loss` unchanged and add their term on top.
 - `CalibrationTrainerMixin`: carrying extra per-example columns through TRL's dataset preparation (including packing,
-  where TRL keeps only `input_ids` and `labels`), the flag collator, checkpointed trainer state, NaN/inf handling.
+  where TRL keeps only `input_ids` and `labels`), calib-trl's dataset checks after TRL's own, the alignment of
+  per-token tensors with prompt-learning virtual tokens, the flag collator, checkpointed trainer state, NaN/inf
+  handling.
+- `resolve_config`, `check_not_empty`: the trainers' `args` and training dataset, resolved and checked as
+  `SFTTrainer` resolves its own.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
 from datasets import Dataset, IterableDataset
+from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.data_utils import get_dataset_column_names, pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-from trl.trainer.utils import FusedCausalLMOutput
+from trl.trainer.utils import FusedCausalLMOutput, get_config_model_id
 
+from .calib_sft_config import CalibSFTConfig
 from .collator import DataCollatorWithKnowledgeFlags, _as_number
 from .utils import logger
 
@@ -113,11 +119,6 @@ def resolve_config(args, config_class, model, suffix: str):
     `trl.SFTConfig` is converted (`config_class.from_training_arguments`: its fields kept, calib-trl's at their
     defaults), which is logged. The configuration of the other calib-trl trainer is refused.
     """
-    from transformers import TrainingArguments
-    from trl.trainer.utils import get_config_model_id
-
-    from .calib_sft_config import CalibSFTConfig
-
     if args is None:
         name = model if isinstance(model, str) else get_config_model_id(model.config)
         return config_class(f"{name.split('/')[-1]}-{suffix}")
