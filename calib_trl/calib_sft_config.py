@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .utils import check_in, check_range, resolve_bf16_default
@@ -57,17 +58,43 @@ class CalibSFTConfig(SFTConfig):
         > Parameters that control knowledge detection
 
         known_column (`str`, *optional*, defaults to `"known"`):
-            Dataset column holding the known flag (written by `calib_trl.detect_known`), with `detection="precomputed"`.
-        detection (`str`, *optional*, defaults to `"precomputed"`):
-            `"precomputed"`: flags come from `known_column`. `"online"`: each example is known when the answer NLL that
-            the training step computes is at most a threshold, re-fitted every `online_refit_steps` steps on the
-            `calibration_dataset` passed to the trainer.
+            Dataset column holding the known flag (written by `calib_trl.detect_known`).
+        detection (`str`, *optional*, defaults to `"auto"`):
+            Where the known flags come from.
+
+            - `"auto"`: from `known_column` where the dataset has it. Otherwise the trainer detects them itself, once,
+              inside `train()` before the first step (progress bar, rows sharded across processes), with the model as
+              it is before training (PEFT adapters disabled), and logs one line naming the path it took:
+              - with a `calibration_dataset` passed to the trainer: an answer-NLL threshold fitted on it (Youden's J);
+              - multiple-choice rows (`choices`, `answer`): the model's own answer to each row, exact, no threshold;
+              - open-ended rows (prompt/completion, or `messages` whose last assistant message is the answer): a
+                threshold fitted on `auto_detection_samples` random training rows, which stay in training;
+              - rows with no answer to score (plain text, pre-tokenized or formatted rows): the calibration term goes
+                to every token, as with `apply_to="all"`;
+              - an `IterableDataset` cannot be scored ahead: the threshold is fitted once before the first step (on
+                the `calibration_dataset`, or the first `auto_detection_samples` rows) and compared with each
+                example's answer NLL in its training step, as online detection does.
+              Evaluation datasets without the column are flagged by the same rule.
+            - `"precomputed"`: flags come from `known_column`, which every dataset must have.
+            - `"online"`: each example is known when the answer NLL that the training step computes is at most a
+              threshold, re-fitted every `online_refit_steps` steps on the `calibration_dataset` passed to the trainer.
+        auto_detection_samples (`int`, *optional*, defaults to `128`):
+            Training rows a `detection="auto"` threshold is fitted on when there is no `calibration_dataset` and the
+            rows are open-ended (or streamed). Each costs a forward pass and a greedy generation; see
+            `benchmarks/README.md` for the detection accuracy this gives.
         online_refit_steps (`int`, *optional*, defaults to `50`):
-            Steps between two re-fits of the online threshold (also fitted before the first step).
+            Steps between two re-fits of the online threshold (also fitted before the first step). A re-fit costs one
+            forward pass per calibration row, plus a greedy generation per row for open-ended rows (see
+            `benchmarks/README.md`), and shows a progress bar unless `disable_tqdm`.
         online_calibration_samples (`int`, *optional*):
             Use at most this many calibration examples for each re-fit (the first ones); all if unset.
         online_batch_size (`int`, *optional*, defaults to `32`):
             Batch size of the re-fit's forward passes over the calibration set.
+        unfitted_threshold (`str`, *optional*, defaults to `"warn"`):
+            What to do when no known/unknown threshold can be fitted, because the model answers every (or no) row it
+            is fitted on correctly, or no NLL threshold separates right from wrong answers: `"raise"` stops with an
+            error; `"warn"` goes on with a warning, every example then being flagged known (or unknown, so that no
+            example gets the calibration term), and `calib/threshold_fitted` is logged as 0 (online detection).
         answer_nll (`str`, *optional*, defaults to `"auto"`):
             The per-example NLL compared with the threshold: `"first"` (NLL of the first completion token, the answer
             letter of a multiple-choice completion), `"mean"` (mean over completion tokens), or `"auto"` (`"first"`
@@ -111,11 +138,19 @@ class CalibSFTConfig(SFTConfig):
         default="known", metadata={"help": "Dataset column with the known flag (from `calib_trl.detect_known`)."}
     )
     detection: str = field(
-        default="precomputed",
+        default="auto",
         metadata={
-            "help": "`precomputed` (flags from `known_column`) or `online` (answer NLL vs a threshold re-fitted on "
+            "help": "`auto` (flags from `known_column` where present, else detected inside `train()` before the first "
+            "step), `precomputed` (flags from `known_column`) or `online` (answer NLL vs a threshold re-fitted on "
             "the calibration dataset every `online_refit_steps`).",
-            "choices": ["precomputed", "online"],
+            "choices": ["auto", "precomputed", "online"],
+        },
+    )
+    auto_detection_samples: int = field(
+        default=128,
+        metadata={
+            "help": "Training rows an `auto` threshold is fitted on for open-ended (or streamed) rows without a "
+            "calibration dataset."
         },
     )
     online_refit_steps: int = field(default=50, metadata={"help": "Steps between re-fits of the online threshold."})
@@ -128,6 +163,13 @@ class CalibSFTConfig(SFTConfig):
         metadata={
             "help": "Per-example NLL for detection: `first` completion token, `mean` over completion tokens, or `auto`.",
             "choices": ["auto", "first", "mean"],
+        },
+    )
+    unfitted_threshold: str = field(
+        default="warn",
+        metadata={
+            "help": "When no known/unknown threshold can be fitted: `raise`, or `warn` and flag every example alike.",
+            "choices": ["raise", "warn"],
         },
     )
     nonfinite_loss: str = field(
@@ -144,7 +186,8 @@ class CalibSFTConfig(SFTConfig):
         check_in("calibration_loss", self.calibration_loss, ("ls", "mbls", "ecp", "none"))
         check_in("apply_to", self.apply_to, ("known", "all", "none"))
         check_in("calibration_space", self.calibration_space, ("vocabulary", "options", "auto"))
-        check_in("detection", self.detection, ("precomputed", "online"))
+        check_in("detection", self.detection, ("auto", "precomputed", "online"))
+        check_in("unfitted_threshold", self.unfitted_threshold, ("raise", "warn"))
         check_in("answer_nll", self.answer_nll, ("auto", "first", "mean"))
         check_in("nonfinite_loss", self.nonfinite_loss, ("raise", "skip"))
         check_range("calibration_weight", self.calibration_weight, 0.0, 1.0)
@@ -154,10 +197,23 @@ class CalibSFTConfig(SFTConfig):
         check_range("ecp_beta", self.ecp_beta, 0.0, None)
         if self.online_refit_steps < 1:
             raise ValueError(f"`online_refit_steps` must be >= 1, got {self.online_refit_steps}.")
+        if self.auto_detection_samples < 2:
+            raise ValueError(f"`auto_detection_samples` must be >= 2, got {self.auto_detection_samples}.")
         if self.online_calibration_samples is not None and self.online_calibration_samples < 2:
             raise ValueError(
                 f"`online_calibration_samples` must be >= 2 (or unset), got {self.online_calibration_samples}."
             )
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> CalibSFTConfig:
+        """
+        This configuration from a `transformers.TrainingArguments` or a `trl.SFTConfig`, converted as `SFTTrainer`
+        converts a `TrainingArguments`: every field they share is kept, calib-trl's own take their defaults (or
+        `overrides`).
+        """
+        values = args.to_dict()
+        values.update({k: getattr(args, k) for k in values if k.endswith("_token")})  # `to_dict` hides tokens
+        return cls(**{**values, **overrides})
 
     @property
     def calibrates(self) -> bool:

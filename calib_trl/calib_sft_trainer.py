@@ -1,14 +1,20 @@
 from __future__ import annotations
 
+import logging
 import textwrap
 import warnings
+from contextlib import contextmanager
+from itertools import islice
 
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import TrainingArguments
 from trl import SFTTrainer
+from trl.data_utils import get_dataset_column_names
 
 from .calib_sft_config import CalibSFTConfig
-from .knowledge import OnlineKnowledgeDetector, is_multiple_choice
+from .knowledge import KnowledgeRule, OnlineKnowledgeDetector, answer_rows, fit_knowledge_rule, is_multiple_choice
 from .losses import (
     calibration_term,
     full_lm_head_params,
@@ -22,9 +28,10 @@ from .trainer_utils import (
     CalibrationTrainerMixin,
     ForwardCapture,
     check_flag_column,
+    check_not_empty,
     example_index,
     predicting,
-    shifted,
+    resolve_config,
     unwrap_base,
 )
 from .utils import logger
@@ -38,29 +45,42 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
     Knowledge Causes Potential Poor Calibration?" (Wang et al., ACL 2025).
 
     What it adds to `SFTTrainer`:
-    - the dataset hook: the `known` column (from `calib_trl.detect_known`) is carried through tokenisation, truncation
-      and packing, and the collator turns it into a per-token tensor (`DataCollatorWithKnowledgeFlags`); with
-      `detection="online"` the flags are computed in each step instead, from the answer NLL and a threshold re-fitted
-      on `calibration_dataset`;
+    - knowledge detection: with `detection="auto"` (the default), the flags come from the `known` column where the
+      dataset has one, and are otherwise detected inside `train()`, before the first step (see
+      `CalibSFTConfig.detection` for the paths, and the one log line that names the one taken); with
+      `detection="online"` they are computed in each step, from the answer NLL and a threshold re-fitted on
+      `calibration_dataset`;
+    - the dataset hook: the `known` column is carried through tokenisation, truncation and packing, and the collator
+      turns it into a per-token tensor (`DataCollatorWithKnowledgeFlags`);
     - the loss: `SFTTrainer`'s token-normalised cross-entropy through TRL's fused LM head (unchanged), plus
       `calibration_weight * term` on the selected tokens, where `term = L_method - NLL` is computed without
       `[batch, seq, vocab]` logits (see `calib_trl.losses`), normalised by the same token count;
-    - logging under `calib/` (known fraction, the NLL and calibration parts, the online threshold);
-    - the model card: `calib-trl` and `cogcalib` tags, both papers' citations, calibration results when available.
+    - logging under `calib/` (known fraction, the NLL and calibration parts, the online threshold and whether one
+      could be fitted);
+    - the model card: `calib-trl` and `cogcalib` tags, both papers' citations, the detection path, calibration results
+      when available.
+
+    Everything else is `SFTTrainer`'s, whose own checks come first; with the calibration off (`calibration_loss="none"`
+    or `apply_to="none"`) it trains exactly as `SFTTrainer`. Vision datasets are refused with a calibration term.
 
     Args:
-        model, args, data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
-        peft_config, formatting_func, and the other keyword arguments: as in [`~trl.SFTTrainer`].
+        model, data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers, peft_config,
+        formatting_func, and the other keyword arguments: as in [`~trl.SFTTrainer`].
+        args (`CalibSFTConfig`, *optional*):
+            A `transformers.TrainingArguments` or `trl.SFTConfig` is converted, as `SFTTrainer` converts a
+            `TrainingArguments` (calib-trl's parameters at their defaults, logged); `None` gives `CalibSFTConfig()`'s
+            defaults.
         calibration_dataset (`datasets.Dataset`, *optional*):
-            Held-out rows of the training task (multiple choice, or prompt/completion for open-ended data), on which
-            online detection re-fits its threshold. Required with `detection="online"`.
+            Held-out rows of the training task (multiple choice, prompt/completion for open-ended data, or
+            conversational `messages`), on which detection fits its threshold: once with `detection="auto"`, every
+            `online_refit_steps` with `detection="online"`, where it is required.
 
-    Example:
+    Example (the one-class swap of a TRL script):
     ```python
-    >>> from calib_trl import CalibSFTConfig, CalibSFTTrainer, detect_known
-    >>> train = detect_known(model, tokenizer, train, calibration_dataset=calib)
-    >>> trainer = CalibSFTTrainer(model=model, args=CalibSFTConfig("out", calibration_loss="ls"), train_dataset=train)
-    >>> trainer.train()
+    >>> from trl import SFTConfig
+    >>> from calib_trl import CalibSFTTrainer  # instead of `from trl import SFTTrainer`
+    >>> trainer = CalibSFTTrainer(model=model, args=SFTConfig("out"), train_dataset=train)
+    >>> trainer.train()  # detects the known rows first, then trains with CoECP on them
     ```
     """
 
@@ -72,78 +92,110 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         "citation": COGCALIB_CITATION + "\n\n" + RCFT_CITATION,
     }
 
-    def __init__(self, model, args: CalibSFTConfig | None = None, *pos_args, calibration_dataset=None, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = CalibSFTConfig(f"{str(name).split('/')[-1]}-CalibSFT")
-        elif not isinstance(args, CalibSFTConfig):
-            raise TypeError(
-                f"`args` must be a `CalibSFTConfig`, got {type(args).__name__}. Build one with the same arguments: "
-                "`CalibSFTConfig(**sft_config.to_dict(), calibration_loss=...)`."
-            )
+    def __init__(
+        self,
+        model,
+        args: CalibSFTConfig | TrainingArguments | None = None,
+        *pos_args,
+        calibration_dataset=None,
+        **kwargs,
+    ):
+        args = resolve_config(args, CalibSFTConfig, model, "CalibSFT")
         train_dataset = kwargs.get("train_dataset", pos_args[1] if len(pos_args) > 1 else None)
-        eval_dataset = kwargs.get("eval_dataset", pos_args[2] if len(pos_args) > 2 else None)
+        check_not_empty(train_dataset, "train")
 
+        # Decided before `SFTTrainer.__init__`, which prepares the datasets through `_prepare_dataset`
         self._needs_flags = args.calibrates and args.apply_to == "known"
-        self._precomputed = self._needs_flags and args.detection == "precomputed"
+        self._calibrate_all = args.calibrates and args.apply_to == "all"
+        self._precomputed = self._needs_flags and args.detection in ("precomputed", "auto")
         self._space = self._resolve_space(args, train_dataset)
+        self._train_rows, self._calibration_dataset = train_dataset, calibration_dataset
+        self._undetected = {}  # `detection="auto"`: datasets without the flag column, by name, as passed
+        self._flag_on_prepare = False  # after `__init__`, `detection="auto"` flags a dataset when it is prepared
+        self._rule = None
+        self._known_fractions = {}
+        self.detection_summary = None
+        self._carried_columns, self._flag_columns = self._columns_to_carry(args)
+        self._skipped_steps = 0
+
+        super().__init__(model, args, *pos_args, **kwargs)
+
+        # calib-trl's own checks, after SFTTrainer's
+        if self._skip_prepare_dataset:  # `_prepare_dataset`, which runs `_check_dataset`, was skipped
+            for name, dataset in self._given_datasets(train_dataset, kwargs, pos_args).items():
+                self._check_dataset(dataset, args, name)
         if args.calibrates and (args.label_smoothing_factor > 0 or kwargs.get("compute_loss_func") is not None):
             raise ValueError(
                 "`label_smoothing_factor` and `compute_loss_func` replace the fused LM head's loss and cannot be "
                 "combined with a calibration loss; use `calibration_loss='ls'` with `apply_to='all'` for label "
                 "smoothing on all tokens."
             )
-        if train_dataset is not None and self._precomputed:
-            self._check_known(train_dataset, args.known_column, "train")
-        if eval_dataset is not None and self._precomputed:
-            evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
-            for name, dataset in evals.items():
-                check_flag_column(dataset, args.known_column, name)
-        online = self._needs_flags and args.detection == "online"
-        if online and (calibration_dataset is None or len(calibration_dataset) == 0):
-            raise ValueError(
-                "Online detection (`detection='online'`) needs a non-empty `calibration_dataset` passed to the trainer."
-            )
-        self._carried_columns, self._flag_columns = self._columns_to_carry(args)
-        self._skipped_steps = 0
-
-        super().__init__(model, args, *pos_args, **kwargs)
-
-        if self._precomputed:
-            self._install_flag_collator((args.known_column,), required=True)
-        if self._space == "options":  # eval datasets without `choices` carry no answer marks
-            self._install_flag_collator((ANSWER_COLUMN,), required=False)
-        self._check_parallelism(online)
+        self._check_vision()
+        self._virtual_tokens = self._prompt_learning_offset()
         self._capture = ForwardCapture(self.model, want_hidden=self._needs_hidden())
         self._head_transform = lm_head_transform(unwrap_base(self.model))
         self._answer_nll = args.answer_nll
         if self._answer_nll == "auto":
-            self._answer_nll = "first" if train_dataset is not None and is_multiple_choice(train_dataset) else "mean"
+            self._answer_nll = "first" if is_multiple_choice(train_dataset) else "mean"
 
         self.detector = None
-        if online:
-            if self._answer_nll == "first" and not self.completion_only_loss:
+        if self._needs_flags and args.detection == "online":
+            if calibration_dataset is None or len(calibration_dataset) == 0:
                 raise ValueError(
-                    "Online detection with `answer_nll='first'` reads each example's answer NLL at its first loss "
-                    "token, which is the answer only with a completion-only loss. Use prompt/completion data with "
-                    "`completion_only_loss` left on, or `answer_nll='mean'`."
+                    "Online detection (`detection='online'`) needs a non-empty `calibration_dataset` passed to the "
+                    "trainer."
                 )
-            self.detector = OnlineKnowledgeDetector(
-                calibration_dataset,
-                self._tokenizer,
-                refit_steps=args.online_refit_steps,
-                batch_size=args.online_batch_size,
-                max_samples=args.online_calibration_samples,
-            )
-            if is_multiple_choice(self.detector.calibration_dataset) != (self._answer_nll == "first"):
-                logger.warning(
-                    "Online detection compares the training NLL (%s) with a threshold fitted on %s calibration rows; "
-                    "use the same kind of data for both (or set `answer_nll`).",
-                    "answer letter" if self._answer_nll == "first" else "mean completion NLL",
-                    "multiple-choice" if is_multiple_choice(self.detector.calibration_dataset) else "open-ended",
-                )
+            self._setup_online(train_dataset, calibration_dataset, args.online_refit_steps)
+        elif self._needs_flags and args.detection == "auto":
+            self._setup_auto(train_dataset, calibration_dataset)
         elif calibration_dataset is not None:
-            logger.info("`calibration_dataset` is only used by online detection; it is ignored here.")
+            logger.info("`calibration_dataset` is only used to detect known examples; it is ignored here.")
+        if self._precomputed:
+            self._install_flag_collator((args.known_column,), required=True)
+        if self._space == "options":  # eval datasets without `choices` carry no answer marks
+            self._install_flag_collator((ANSWER_COLUMN,), required=False)
+        self._check_parallelism(self.detector is not None)
+
+    @staticmethod
+    def _given_datasets(train_dataset, kwargs, pos_args) -> dict:
+        """The train and evaluation datasets passed to the trainer, by the names `SFTTrainer` gives them."""
+        eval_dataset = kwargs.get("eval_dataset", pos_args[2] if len(pos_args) > 2 else None)
+        evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
+        return {"train": train_dataset, **evals}
+
+    def _adds_terms(self) -> bool:
+        """Whether the loss adds anything to `SFTTrainer`'s (otherwise no calib-trl check may refuse anything)."""
+        return self.args.calibrates
+
+    def _check_vision(self) -> None:
+        if self._is_vision_dataset and self._adds_terms():
+            raise ValueError(
+                "calib-trl's calibration terms do not support vision datasets: SFTTrainer builds their batches on the "
+                "fly (`DataCollatorForVisionLanguageModeling`) and skips dataset preparation, through which calib-trl "
+                "carries the known flags and answer positions, and knowledge detection scores text only. Train with "
+                "`calibration_loss='none'` (exactly `SFTTrainer`), or on text-only rows."
+            )
+
+    def _prompt_learning_offset(self) -> int:
+        """
+        Positions a prompt-learning PEFT method prepends to each sequence: `num_virtual_tokens` for prompt tuning,
+        p-tuning and multitask prompt tuning, with which `_to_outputs` aligns labels and flags; 0 for prefix tuning,
+        whose virtual tokens sit in the attention cache. CPT, which also trains on the tokens it prepends, is refused
+        with a calibration term.
+        """
+        unwrapped = extract_model_from_parallel(self.model)
+        if not (is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning):
+            return 0
+        config = unwrapped.active_peft_config
+        if config.peft_type in ("PREFIX_TUNING", "CARTRIDGE"):
+            return 0
+        if config.peft_type == "CPT" and self._adds_terms():
+            raise ValueError(
+                "CPT trains on the context tokens it prepends to each sequence, which have no known flags; calib-trl's "
+                "calibration terms support prompt tuning, p-tuning and prefix tuning. Use one of those, or "
+                "`calibration_loss='none'`."
+            )
+        return config.num_virtual_tokens
 
     @staticmethod
     def _resolve_space(args, train_dataset) -> str:
@@ -159,7 +211,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 "option letters at the answer token" if mcq else "whole vocabulary",
             )
         elif space == "options" and not mcq:
-            columns = train_dataset.column_names if train_dataset is not None else None
+            columns = get_dataset_column_names(train_dataset) if train_dataset is not None else None
             raise ValueError(
                 "`calibration_space='options'` calibrates the softmax over the option letters, which needs "
                 "multiple-choice rows: prompt/completion with `choices` and `answer` columns (the train dataset has "
@@ -191,12 +243,6 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             raise ValueError(
                 f"Online detection needs each example's tokens together; `packing_strategy={args.packing_strategy!r}` "
                 "cuts examples across packed rows. Use `packing_strategy='bfd'`, or precomputed detection."
-            )
-        unwrapped = extract_model_from_parallel(self.model)
-        if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
-            raise ValueError(
-                "Prompt-learning PEFT methods (prompt tuning, prefix tuning, p-tuning) prepend virtual tokens, which "
-                "shifts the per-token flags of calib-trl against the labels. Use LoRA or another adapter method."
             )
         plugin = args.deepspeed_plugin
         if self._reads_lm_head() and plugin is not None and plugin.zero_stage == 3:
@@ -232,6 +278,269 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
     def _needs_hidden(self) -> bool:
         """Whether the loss needs the backbone's hidden states: those that project them through the LM head do."""
         return self._reads_lm_head()
+
+    # -- knowledge detection -------------------------------------------------------------------------------------
+
+    def _setup_online(self, train_dataset, calibration_dataset, refit_steps: int | None) -> None:
+        """Online detection: flags from each example's answer NLL in its training step against a fitted threshold."""
+        args = self.args
+        if not self._loss_covers_answers(train_dataset):
+            columns = get_dataset_column_names(train_dataset)
+            raise ValueError(
+                "Online detection compares each training example's answer NLL, read off the loss tokens of its "
+                f"training step, with the threshold; the train dataset's rows ({columns}) have no separate answer, so "
+                "their loss covers the whole sequence. Convert conversational rows to prompt/completion "
+                "(`{'prompt': messages[:-1], 'completion': messages[-1:]}`), or set `assistant_only_loss=True` so that "
+                "the loss covers the assistant's messages only; or use `detection='auto'`, which flags the rows "
+                "before training."
+            )
+        if self._answer_nll == "first" and not (self.completion_only_loss or args.assistant_only_loss):
+            raise ValueError(
+                "Online detection with `answer_nll='first'` reads each example's answer NLL at its first loss "
+                "token, which is the answer only with a completion-only loss. Use prompt/completion data with "
+                "`completion_only_loss` left on, or `answer_nll='mean'`."
+            )
+        self.detector = OnlineKnowledgeDetector(
+            calibration_dataset,
+            self._tokenizer,
+            refit_steps=refit_steps,
+            batch_size=args.online_batch_size,
+            max_samples=args.online_calibration_samples,
+            progress=not args.disable_tqdm,
+        )
+        if is_multiple_choice(self.detector.calibration_dataset) != (self._answer_nll == "first"):
+            logger.warning(
+                "Online detection compares the training NLL (%s) with a threshold fitted on %s calibration rows; "
+                "use the same kind of data for both (or set `answer_nll`).",
+                "answer letter" if self._answer_nll == "first" else "mean completion NLL",
+                "multiple-choice" if is_multiple_choice(self.detector.calibration_dataset) else "open-ended",
+            )
+
+    def _loss_covers_answers(self, train_dataset) -> bool:
+        """Whether a training step's loss tokens are each example's answer (what online detection reads)."""
+        columns = get_dataset_column_names(train_dataset)
+        completions = "prompt" in columns and "completion" in columns and self._formatting_func is None
+        return completions or self.args.assistant_only_loss
+
+    def _setup_auto(self, train_dataset, calibration_dataset) -> None:
+        """`detection="auto"`: decide where the flags come from (see `CalibSFTConfig.detection`)."""
+        args = self.args
+        if "train" in self._undetected and (
+            isinstance(train_dataset, IterableDataset) or answer_rows(train_dataset) is None
+        ):
+            self._undetected.clear()
+            self._precomputed = False
+            if isinstance(train_dataset, IterableDataset):
+                self._setup_stream(train_dataset, calibration_dataset)
+            else:
+                self._calibrate_every_token(self._no_answers(train_dataset))
+            return
+        if not self._undetected:
+            self._announce("column", f"from the `{args.known_column}` column of every dataset", logging.INFO)
+            return
+        # The others are flagged inside `train()` (`_ensure_flags`), when they can be
+        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+            raise ValueError(
+                "Under DeepSpeed ZeRO-3 the weights are partitioned before training starts, so `detection='auto'` "
+                "cannot score the rows ahead: flag them first with `calib_trl.detect_known` (or `calib-trl detect`), "
+                "or use `detection='online'` with a `calibration_dataset`."
+            )
+        for name, dataset in self._undetected.items():
+            if not isinstance(dataset, Dataset):
+                why = "an `IterableDataset` cannot be scored ahead of training"
+            elif answer_rows(dataset) is None:
+                why = "its rows have no answer to score (prompt/completion or conversational `messages`)"
+            else:
+                continue
+            raise ValueError(
+                f"The {name} dataset has no `{args.known_column}` column, and `detection='auto'` cannot flag it: "
+                f"{why}. Add the column (`calib_trl.detect_known`), or leave the dataset out."
+            )
+
+    def _setup_stream(self, train_dataset, calibration_dataset) -> None:
+        """An `IterableDataset` cannot be scored ahead: online detection, with one fit before the first step."""
+        source = "the calibration_dataset"
+        if calibration_dataset is None:
+            calibration_dataset = Dataset.from_list(list(islice(train_dataset, self.args.auto_detection_samples)))
+            source = f"the first {len(calibration_dataset)} rows of the stream"
+            if answer_rows(calibration_dataset) is None:
+                self._calibrate_every_token(self._no_answers(calibration_dataset))
+                return
+        if not self._loss_covers_answers(train_dataset):
+            self._calibrate_every_token(
+                "the train dataset is an `IterableDataset`, which cannot be scored ahead, and its loss covers whole "
+                "sequences (no prompt/completion columns, no `assistant_only_loss`), so no answer NLL can be read in "
+                "its training steps"
+            )
+            return
+        self._setup_online(train_dataset, calibration_dataset, refit_steps=None)
+        self._announce(
+            "stream",
+            "the train dataset is an `IterableDataset`, which cannot be scored ahead: a threshold fitted once, before "
+            f"the first step, on {source}, compared with each example's answer NLL in its training step",
+        )
+
+    def _calibrate_every_token(self, reason: str) -> None:
+        self._precomputed, self._calibrate_all = False, True
+        self._announce("no_answer", f"{reason}, so the calibration term goes to every token, as with `apply_to='all'`")
+
+    @staticmethod
+    def _no_answers(dataset) -> str:
+        return (
+            f"the train dataset's rows ({get_dataset_column_names(dataset)}) have no answer to score (neither "
+            "prompt/completion nor conversational `messages`)"
+        )
+
+    def _announce(self, path: str, description: str, level: int = logging.WARNING) -> None:
+        """The one log line that says where the known flags come from; also recorded for the model card."""
+        self.detection_summary = {"detection": self.args.detection, "path": path, "description": description}
+        if self.is_world_process_zero():
+            logger.log(level, "Knowledge detection (detection=%r): %s.", self.args.detection, description)
+
+    def _check_dataset(self, dataset, args, dataset_name: str) -> None:
+        if not self._precomputed:
+            return
+        column = args.known_column
+        if args.detection == "auto" and column not in get_dataset_column_names(dataset):
+            self._undetected[dataset_name] = dataset
+        elif dataset_name == "train":
+            self._check_known(dataset, column, dataset_name)
+        else:
+            check_flag_column(dataset, column, dataset_name)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # A dataset prepared after `__init__` (passed to `evaluate`) is flagged by the same rule as the others
+        if self._flag_on_prepare and args.known_column not in get_dataset_column_names(dataset):
+            dataset = self._flag(dataset, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+    @contextmanager
+    def _detection_model(self):
+        """The model as it is when detection runs (before the first step), with any PEFT adapter disabled."""
+        if is_peft_model(self.model):
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+    def _ensure_rule(self) -> KnowledgeRule:
+        """Fit the rule `detection="auto"` flags rows by, once (see `calib_trl.knowledge.fit_knowledge_rule`)."""
+        if self._rule is None:
+            args = self.args
+            rows = answer_rows(self._train_rows)
+            calibration = self._calibration_dataset
+            if calibration is not None:
+                calibration = answer_rows(calibration)
+                if calibration is None:
+                    raise ValueError(
+                        "The `calibration_dataset` has no answers to fit the known threshold on: it needs "
+                        "prompt/completion columns or conversational `messages`."
+                    )
+            if rows is None and calibration is None:
+                raise ValueError(
+                    "`detection='auto'` fits its rule on the training rows, which have no answer to score; pass a "
+                    "`calibration_dataset`, or add the `known` column to every dataset."
+                )
+            with self._detection_model() as model:
+                self._rule = fit_knowledge_rule(
+                    model,
+                    self._tokenizer,
+                    rows,
+                    calibration,
+                    sample_size=args.auto_detection_samples,
+                    seed=args.seed,
+                    batch_size=args.per_device_eval_batch_size,
+                    progress=not args.disable_tqdm,
+                )
+            if self._rule.report is not None:
+                logger.info("Knowledge threshold (detection='auto'):\n%s", self._rule.report)
+                if not self._rule.report.fitted:
+                    self._on_unfitted_threshold(self._rule.report, "Automatic detection")
+        return self._rule
+
+    def _flag(self, dataset, dataset_name: str):
+        """`dataset` with the known column, from `detection="auto"`'s rule."""
+        rule = self._ensure_rule()
+        args = self.args
+        with self._detection_model() as model:
+            known = rule.flag(
+                model,
+                self._tokenizer,
+                answer_rows(dataset),
+                batch_size=args.per_device_eval_batch_size,
+                progress=not args.disable_tqdm,
+                desc=f"Detecting known rows ({dataset_name})",
+            )
+        self._known_fractions[dataset_name] = {"known_fraction": float(known.mean()), "rows": len(known)}
+        return dataset.add_column(args.known_column, known.tolist())
+
+    def _ensure_flags(self) -> None:
+        """`detection="auto"`: flag, once, the datasets passed to the trainer without the known column."""
+        if not self._undetected:
+            return
+        pending, self._undetected = self._undetected, {}
+        args = self.args
+        for name, dataset in pending.items():
+            flagged = self._flag(dataset, name)
+            packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
+            prepared = self._prepare_dataset(
+                flagged, self.processing_class, args, packing, self._formatting_func, name
+            )
+            if name == "train":
+                self.train_dataset = prepared
+            elif isinstance(self.eval_dataset, dict):
+                self.eval_dataset[name] = prepared
+            else:
+                self.eval_dataset = prepared
+        self._flag_on_prepare = True
+        fractions = ", ".join(
+            f"{name} {f['known_fraction']:.3f} of {f['rows']} rows" for name, f in self._known_fractions.items()
+        )
+        description = f"{self._rule.describe()}; known fraction: {fractions}"
+        if "train" not in pending:
+            description = f"the train dataset's from its `{args.known_column}` column; the others' by {description}"
+        self._announce(self._rule.path if "train" in pending else "column", description)
+        self.detection_summary.update(rule=self._rule.to_dict(), known=dict(self._known_fractions))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._ensure_flags()  # before a checkpoint is loaded: the flags are the starting model's
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def get_train_dataloader(self):
+        self._ensure_flags()
+        return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        self._ensure_flags()
+        return super().get_eval_dataloader(eval_dataset)
+
+    def _on_unfitted_threshold(self, report, what: str) -> None:
+        """`unfitted_threshold`: stop, or go on with a loud warning, when no threshold separates known rows."""
+        consequence = (
+            "every example gets the calibration term"
+            if report.threshold > 0
+            else "no example gets the calibration term: training is plain cross-entropy (standard SFT)"
+        )
+        message = f"{what}: {report}. So {consequence}."
+        if self.args.unfitted_threshold == "raise":
+            raise ValueError(
+                f"{message} Fit on rows the model answers partly right (more, or other, calibration rows), or set "
+                "`unfitted_threshold='warn'` to train on."
+            )
+        logger.warning("NO KNOWLEDGE THRESHOLD. %s Set `unfitted_threshold='raise'` to stop instead.", message)
+
+    def _refit_detector(self, model) -> None:
+        report = self.detector.refit(model, self.state.global_step)
+        logger.info("Online detection re-fitted at step %d:\n%s", self.state.global_step, report)
+        if not report.fitted:
+            self._on_unfitted_threshold(report, f"Online detection at step {self.state.global_step}")
+
+    def _log_detector(self, mode: str) -> None:
+        """The online threshold and its fit; detection accuracy is NaN while no threshold is fitted."""
+        report = self.detector.last_report
+        self._metrics[mode]["calib/threshold"].append(float(self.detector.threshold))
+        self._metrics[mode]["calib/threshold_fitted"].append(float(report.fitted))
+        self._metrics[mode]["calib/detection_accuracy"].append(report.detection_accuracy)
 
     # -- dataset -------------------------------------------------------------------------------------------------
 
@@ -275,8 +584,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         if self.detector is not None and self.detector.due(self.state.global_step):
-            report = self.detector.refit(model, self.state.global_step)
-            logger.info("Online detection re-fitted at step %d:\n%s", self.state.global_step, report)
+            self._refit_detector(model)
 
         with self._capture.capture():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -297,22 +605,25 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         self._log_calibration(mode, term, int(term.numel()), n_eligible, nll, mask)
         return (loss, result[1]) if return_outputs else loss
 
+    def _output_labels(self, inputs) -> torch.Tensor:
+        """The labels aligned with the fused head's outputs (virtual tokens of prompt-learning PEFT included)."""
+        return inputs["shift_labels"] if "shift_labels" in inputs else self._to_outputs(inputs["labels"], inputs, -100)
+
     def _select_tokens(self, inputs, known, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The loss tokens of the examples that get the calibration term: all, the known ones, or the online-known."""
-        if self.args.apply_to == "all":
+        if self._calibrate_all:
             return mask
         if self.detector is not None:
             return mask & self._online_flags(inputs, nll, mask)
-        return mask & (shifted(known, inputs) > 0.5)
+        return mask & (self._to_outputs(known, inputs) > 0.5)
 
     def _vocabulary_term(self, model, inputs, hidden, out, selected: torch.Tensor) -> torch.Tensor:
         """`L_method - NLL` over the whole vocabulary at every selected token (`calibration_space="vocabulary"`)."""
         args = self.args
-        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
         return calibration_term(
             args.calibration_loss,
             predicting(hidden, inputs)[selected] if hidden is not None else None,
-            labels[selected],
+            self._output_labels(inputs)[selected],
             out.entropy[selected] if out.entropy is not None else None,
             unwrap_base(model).get_output_embeddings() if hidden is not None else None,
             self._head_transform,
@@ -330,15 +641,13 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         (`calibration_space="options"`), and the number of answers in the batch.
         """
         if answers is None:  # an eval batch without `choices`
-            zero = hidden.new_zeros(0, dtype=torch.float32)
-            return zero, torch.zeros((), device=hidden.device)
-        at = shifted(answers, inputs) > 0
+            return hidden.new_zeros(0, dtype=torch.float32), torch.zeros((), device=hidden.device)
+        at = self._to_outputs(answers, inputs, 0) > 0
         picked = at & selected
-        option_logits, num_choices = self._option_logits(
-            model, predicting(hidden, inputs)[picked], shifted(answers, inputs)[picked]
-        )
-        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
-        target = (labels[picked][:, None] == self._option_index.to(labels.device)[None, :]).long().argmax(-1)
+        num_choices = self._to_outputs(answers, inputs, 0)[picked]
+        option_logits, num_choices = self._option_logits(model, predicting(hidden, inputs)[picked], num_choices)
+        labels = self._output_labels(inputs)[picked]
+        target = (labels[:, None] == self._option_index.to(labels.device)[None, :]).long().argmax(-1)
         args = self.args
         term = option_calibration_term(
             args.calibration_loss,
@@ -376,12 +685,11 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         self._log_mean(mode, "calib/nll", (nll * mask).sum(), n_tok)
         self._log_mean(mode, "calib/calibration_term", args.calibration_weight * term.detach().sum(), n_tok)
         if self.detector is not None and mode == "train":
-            self._metrics[mode]["calib/threshold"].append(float(self.detector.threshold))
-            self._metrics[mode]["calib/detection_accuracy"].append(self.detector.last_report.detection_accuracy)
+            self._log_detector(mode)
 
     def _online_flags(self, inputs, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-token known flags from each example's answer NLL in this very batch."""
-        ex = shifted(example_index(inputs, inputs["input_ids"].shape, self.padding_free), inputs)
+        ex = self._to_outputs(example_index(inputs, inputs["input_ids"].shape, self.padding_free), inputs)
         ex = torch.where(mask, ex, torch.full_like(ex, -1))
         ids, inverse = torch.unique(ex, return_inverse=True)
         n = ids.numel()
@@ -415,7 +723,10 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 "ecp": {"ecp_beta": a.ecp_beta},
             }.get(a.calibration_loss, {})
         )
-        if a.apply_to == "known":
+        if self.detection_summary is not None:
+            summary = self.detection_summary
+            settings["detection"] = f"{a.detection} ({summary['description']})"
+        elif a.apply_to == "known":
             settings["detection"] = a.detection
         return settings
 

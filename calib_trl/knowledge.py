@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from accelerate.utils import extract_model_from_parallel
 from tqdm.auto import tqdm
+from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml
 
 from .mcq import (
     _common_prefix,
@@ -52,11 +53,13 @@ from .utils import logger
 class DetectionReport:
     """What a threshold fit found on the calibration split, and what it flags on the scored dataset."""
 
-    threshold: float
+    threshold: float  # +inf / -inf: no threshold could be fitted, every example is flagged known / unknown
     youden_j: float
     tpr: float  # fraction of correctly answered calibration items flagged known
     tnr: float  # fraction of wrongly answered calibration items flagged unknown
-    detection_accuracy: float  # fraction of calibration items whose flag equals their correctness
+    # fraction of calibration items whose flag equals their correctness; NaN when no threshold was fitted, since
+    # flagging everything one way is no detection (it would read 1.0 when the model answers no item correctly)
+    detection_accuracy: float
     calibration_accuracy: float  # fraction of calibration items the model answers correctly
     n_calibration: int
     known_fraction: float | None = None  # on the scored dataset
@@ -64,16 +67,29 @@ class DetectionReport:
     style_adaptation_steps: int = 0
     extra: dict = field(default_factory=dict)
 
+    @property
+    def fitted(self) -> bool:
+        """Whether a threshold separates known from unknown items (`False` when it flags all of them one way)."""
+        return math.isfinite(self.threshold)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [
-            f"threshold (answer NLL)       {self.threshold:.4f}",
-            f"Youden's J                   {self.youden_j:.4f}  (TPR {self.tpr:.4f}, TNR {self.tnr:.4f})",
-            f"detection accuracy (calib.)  {self.detection_accuracy:.4f}  on {self.n_calibration} items",
-            f"model accuracy (calib.)      {self.calibration_accuracy:.4f}",
-        ]
+        if self.fitted:
+            lines = [
+                f"threshold (answer NLL)       {self.threshold:.4f}",
+                f"Youden's J                   {self.youden_j:.4f}  (TPR {self.tpr:.4f}, TNR {self.tnr:.4f})",
+                f"detection accuracy (calib.)  {self.detection_accuracy:.4f}  on {self.n_calibration} items",
+                f"model accuracy (calib.)      {self.calibration_accuracy:.4f}",
+            ]
+        else:
+            why = "" if self.calibration_accuracy in (0.0, 1.0) else "; no NLL threshold separates right from wrong"
+            lines = [
+                f"no threshold fitted (the model answers {self.calibration_accuracy:.0%} of the {self.n_calibration} "
+                f"calibration items correctly{why}): every example is flagged "
+                f"{'known' if self.threshold > 0 else 'unknown'}"
+            ]
         if self.known_fraction is not None:
             lines.append(f"known fraction (dataset)     {self.known_fraction:.4f}  of {self.n} examples")
         return "\n".join(lines)
@@ -129,6 +145,7 @@ def detection_report(nll, correct, threshold: float, j=None, tpr=None, tnr=None,
     nll = np.asarray(nll, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     flagged = nll <= threshold
+    accuracy = float((flagged == correct).mean()) if math.isfinite(threshold) else float("nan")
     if tpr is None:
         tpr = float(flagged[correct].mean()) if correct.any() else 0.0
         tnr = float((~flagged[~correct]).mean()) if (~correct).any() else 0.0
@@ -138,7 +155,7 @@ def detection_report(nll, correct, threshold: float, j=None, tpr=None, tnr=None,
         youden_j=float(j),
         tpr=float(tpr),
         tnr=float(tnr),
-        detection_accuracy=float((flagged == correct).mean()),
+        detection_accuracy=accuracy,
         calibration_accuracy=float(correct.mean()),
         n_calibration=int(nll.size),
         **kwargs,
@@ -275,6 +292,33 @@ def score_completions(
     nll_arr = np.array([nll[i] for i in range(n)])
     correct_arr = np.array([bool(correct[i]) for i in range(n)]) if check_greedy else None
     return nll_arr, correct_arr
+
+
+def answer_rows(dataset):
+    """
+    `dataset` in the form the scorers read: prompt/completion rows as they are; conversational language-modelling rows
+    (`messages`, or ShareGPT `conversations`, converted to ChatML by TRL's `maybe_convert_to_chatml`) split at their
+    last assistant message into `prompt` (the messages before it) and `completion` (that message). `choices` and
+    `answer` are kept. Returns `None` when the rows hold no answer to score (plain text, pre-tokenized rows).
+    """
+    columns = get_dataset_column_names(dataset)
+    if "prompt" in columns and "completion" in columns:
+        return dataset
+    if "messages" not in columns and "conversations" not in columns:
+        return None
+
+    def split(example):
+        messages = maybe_convert_to_chatml(dict(example))["messages"]
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            raise ValueError(
+                "A conversational row has no assistant message, so it has no answer to score: "
+                f"{[m.get('role') for m in messages]}."
+            )
+        return {"prompt": messages[:last], "completion": [messages[last]]}
+
+    keep = ("choices", "answer")
+    return dataset.map(split, remove_columns=[c for c in columns if c not in keep])
 
 
 def score_answer_nll(
@@ -513,6 +557,104 @@ def detect_known(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Automatic detection (`detection="auto"`)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KnowledgeRule:
+    """
+    How `detection="auto"` flags rows that have no `known` column: by the model's own multiple-choice answer
+    (`threshold=None`), or by comparing the answer NLL with a threshold fitted on `path`'s rows.
+    """
+
+    path: str  # "calibration_dataset", "multiple_choice" or "training_sample"
+    threshold: float | None = None
+    report: DetectionReport | None = None  # the threshold fit
+
+    def describe(self) -> str:
+        if self.threshold is None:
+            return (
+                "the model's own answer (multiple-choice rows, no calibration_dataset): known = it answers correctly"
+            )
+        where = {
+            "calibration_dataset": "the calibration_dataset",
+            "training_sample": "a random sample of the training rows (they stay in training)",
+        }[self.path]
+        if not self.report.fitted:
+            return f"no threshold, from {self.report.n_calibration} rows of {where}: {self.report}"
+        return (
+            f"an answer-NLL threshold of {self.threshold:.4f} fitted on {self.report.n_calibration} rows of {where} "
+            f"(detection accuracy there {self.report.detection_accuracy:.3f})"
+        )
+
+    def flag(self, model, tokenizer, rows, batch_size: int = 16, progress: bool = True, desc: str = "Detecting"):
+        """Known flags of `rows` (answer rows), scored in batches sharded across processes."""
+        if self.threshold is None:
+            scores = score_multiple_choice(
+                model, tokenizer, rows, batch_size=batch_size, progress=progress, desc=desc, shard=True
+            )
+            return scores.correct
+        nll, _ = score_answer_nll(model, tokenizer, rows, batch_size, progress=progress, desc=desc)
+        return nll <= self.threshold
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "threshold": self.threshold,
+            "report": self.report.to_dict() if self.report is not None else None,
+        }
+
+
+def fit_knowledge_rule(
+    model,
+    tokenizer,
+    rows,
+    calibration_dataset=None,
+    sample_size: int = 128,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> KnowledgeRule:
+    """
+    The rule `detection="auto"` flags rows by, when they have no `known` column (`rows` and `calibration_dataset` as
+    `answer_rows` returns them):
+
+    - with a `calibration_dataset`: an answer-NLL threshold fitted on it (Youden's J), as `detect_known` fits it;
+    - without, on multiple-choice rows: the model's own answer (known = its argmax over the options is right), exact
+      and with no threshold, at the cost of one prompt forward pass per row;
+    - without, on open-ended rows: a threshold fitted on `sample_size` random rows of `rows` themselves, whose ground
+      truth is a normalised match of the greedy answer. Those rows stay in the data and are flagged like the others.
+
+    A threshold that cannot be fitted (the model answers every or no fitting row correctly) is returned as `+inf` /
+    `-inf` with `report.fitted` false; the caller decides whether to go on.
+    """
+    if calibration_dataset is None and is_multiple_choice(rows):
+        validate_mcq_dataset(rows, name="train dataset")
+        return KnowledgeRule("multiple_choice")
+    if calibration_dataset is not None:
+        path, fit_rows = "calibration_dataset", calibration_dataset
+    else:
+        pick = np.random.default_rng(seed).choice(len(rows), min(sample_size, len(rows)), replace=False)
+        path, fit_rows = "training_sample", rows.select(np.sort(pick))
+    if is_multiple_choice(fit_rows):
+        validate_mcq_dataset(fit_rows, name=path)
+    nll, correct = score_answer_nll(
+        model,
+        tokenizer,
+        fit_rows,
+        batch_size,
+        need_correct=True,
+        progress=progress,
+        desc="Fitting the known threshold",
+    )
+    with warnings.catch_warnings():  # an unfitted threshold is reported through `report.fitted`
+        warnings.simplefilter("ignore")
+        t, j, tpr, tnr = youden_threshold(nll, correct)
+    return KnowledgeRule(path, t, detection_report(nll, correct, t, j, tpr, tnr))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Online detection
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -523,19 +665,26 @@ class OnlineKnowledgeDetector:
     current model (one batched forward pass over the split, sharded across processes), and compared by the trainer
     with the per-example answer NLL of each training step.
 
+    A re-fit costs one forward pass per calibration row (the prompt only, for multiple-choice rows; prompt and
+    completion for open-ended ones) plus, for open-ended rows, a greedy generation of up to the completion's length
+    + 8 tokens per row, which dominates on a CPU. It shows a progress bar when `progress` is set.
+
     Args:
-        calibration_dataset (`datasets.Dataset`): held-out rows of the training task.
+        calibration_dataset (`datasets.Dataset`): held-out rows of the training task: prompt/completion rows
+            (multiple choice with `choices` and `answer`, or open-ended), or conversational `messages` rows, whose last
+            assistant message is the answer (see `answer_rows`).
         tokenizer: the model's tokenizer.
-        refit_steps (`int`): optimizer steps between re-fits.
+        refit_steps (`int`, *optional*): optimizer steps between re-fits; `None` fits once, before the first step.
         batch_size (`int`): rows per forward pass of a re-fit.
         max_samples (`int`, *optional*): use only the first `max_samples` calibration rows.
+        progress (`bool`): show a progress bar for each re-fit (main process only).
     """
 
     def __init__(
         self,
         calibration_dataset,
         tokenizer,
-        refit_steps: int = 50,
+        refit_steps: int | None = 50,
         batch_size: int = 32,
         max_samples: int | None = None,
         progress: bool = False,
@@ -546,6 +695,13 @@ class OnlineKnowledgeDetector:
             )
         if max_samples is not None:
             calibration_dataset = calibration_dataset.select(range(min(max_samples, len(calibration_dataset))))
+        rows = answer_rows(calibration_dataset)
+        if rows is None:
+            raise ValueError(
+                "The `calibration_dataset` has no answers to fit the known threshold on: it needs prompt/completion "
+                f"columns or conversational `messages` (got {calibration_dataset.column_names})."
+            )
+        calibration_dataset = rows
         if is_multiple_choice(calibration_dataset):
             validate_mcq_dataset(calibration_dataset, name="calibration_dataset")
         self.calibration_dataset = calibration_dataset
@@ -559,7 +715,9 @@ class OnlineKnowledgeDetector:
         self.history: list[dict] = []
 
     def due(self, global_step: int) -> bool:
-        return self.threshold is None or (global_step % self.refit_steps == 0 and global_step != self.last_refit_step)
+        if self.threshold is None or self.refit_steps is None:
+            return self.threshold is None
+        return global_step % self.refit_steps == 0 and global_step != self.last_refit_step
 
     def refit(self, model, global_step: int = 0) -> DetectionReport:
         nll, correct = score_answer_nll(

@@ -151,6 +151,13 @@ class RCFTConfig(CalibSFTConfig):
         },
     )
 
+    @classmethod
+    def from_training_arguments(cls, args, **overrides) -> RCFTConfig:
+        """As [`CalibSFTConfig.from_training_arguments`]; a loss on the whole sequence becomes `sft_loss`'s setting."""
+        if getattr(args, "completion_only_loss", None) is False:
+            overrides.setdefault("sft_loss", "prompt_and_completion")
+        return super().from_training_arguments(args, **overrides)
+
     def __post_init__(self):
         if self.completion_only_loss is None:
             self.completion_only_loss = self.sft_loss == "completion"

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from datasets import Dataset
+from transformers import TrainingArguments
 
 from .calib_sft_trainer import CalibSFTTrainer
 from .losses import confidence_bins, rcft_ece_loss
@@ -9,7 +11,7 @@ from .mcq import score_multiple_choice, validate_mcq_dataset
 from .metrics import calibration_gaps, calibration_report
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
-from .trainer_utils import ANSWER_COLUMN, predicting, shifted
+from .trainer_utils import ANSWER_COLUMN, predicting, resolve_config, shifted
 from .utils import logger
 
 
@@ -61,39 +63,42 @@ class RCFTTrainer(CalibSFTTrainer):
     }
 
     def __init__(
-        self, model, args: RCFTConfig | None = None, *pos_args, estep_dataset=None, calibration_dataset=None, **kwargs
+        self,
+        model,
+        args: RCFTConfig | TrainingArguments | None = None,
+        *pos_args,
+        estep_dataset=None,
+        calibration_dataset=None,
+        **kwargs,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = RCFTConfig(f"{str(name).split('/')[-1]}-RCFT")
-        elif not isinstance(args, RCFTConfig):
-            raise TypeError(f"`args` must be an `RCFTConfig`, got {type(args).__name__}.")
+        args = resolve_config(args, RCFTConfig, model, "RCFT")
         train_dataset = kwargs.get("train_dataset", pos_args[1] if len(pos_args) > 1 else None)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required")
-        if not hasattr(train_dataset, "__len__"):
-            raise ValueError("RCFT needs a `datasets.Dataset` (an `IterableDataset` cannot be scored by the E-step).")
-        validate_mcq_dataset(train_dataset, name="train dataset", require_completion=True)
         self._rcft_active = args.ece_weight > 0
         if args.calibrates:  # RCFT combined with CogCalib's calibration loss
             self._tag_names = [*type(self)._tag_names, "cogcalib"]
-        estep_rows, self.estep_source = self._pick_estep_rows(args, train_dataset, estep_dataset, calibration_dataset)
-        if args.estep_samples is not None and len(estep_rows) > args.estep_samples:
-            pick = np.random.default_rng(args.seed).choice(len(estep_rows), args.estep_samples, replace=False)
-            estep_rows = estep_rows.select(np.sort(pick))
-        self._estep_rows = estep_rows
         self._option_ids = None
         self._excluded_rows = 0
         self._ece_rows = None  # training rows with an answer position (the `"estep"` normalisation's N)
         self._bin_stats = None
         self._estep_marker = None  # the epoch / step of the last E-step
-        # CalibSFTTrainer reads `calibration_dataset` for online detection only, and says it ignores it otherwise
-        online = args.calibrates and args.apply_to == "known" and args.detection == "online"
-        kwargs["calibration_dataset"] = calibration_dataset if online else None
+        # CalibSFTTrainer reads `calibration_dataset` to detect known examples only, and says it ignores it otherwise
+        detects = args.calibrates and args.apply_to == "known" and args.detection in ("auto", "online")
+        kwargs["calibration_dataset"] = calibration_dataset if detects else None
         super().__init__(model, args, *pos_args, **kwargs)
+        if self._rcft_active and self._virtual_tokens:
+            raise ValueError(
+                "RCFT's ECE term reads the option-letter logits at each answer position, which prompt-learning "
+                "virtual tokens shift; it is not aligned with them yet. Use LoRA, prefix tuning, or `ece_weight=0` "
+                "(CFT)."
+            )
         self._install_flag_collator((ANSWER_COLUMN,), required=True)
         if self._option_ids is None:
             raise RuntimeError("The answer positions were not located during dataset preparation.")
+        estep_rows, self.estep_source = self._pick_estep_rows(args, train_dataset, estep_dataset, calibration_dataset)
+        if args.estep_samples is not None and len(estep_rows) > args.estep_samples:
+            pick = np.random.default_rng(args.seed).choice(len(estep_rows), args.estep_samples, replace=False)
+            estep_rows = estep_rows.select(np.sort(pick))
+        self._estep_rows = estep_rows
 
     def _pick_estep_rows(self, args, train_dataset, estep_dataset, calibration_dataset):
         """The rows the E-step scores and where they come from (`"heldout"` or `"train"`), per `estep_source`."""
@@ -128,6 +133,18 @@ class RCFTTrainer(CalibSFTTrainer):
 
     def _needs_hidden(self) -> bool:
         return True
+
+    def _adds_terms(self) -> bool:
+        return self._rcft_active or super()._adds_terms()
+
+    def _check_dataset(self, dataset, args, dataset_name: str) -> None:
+        super()._check_dataset(dataset, args, dataset_name)
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"RCFT needs a `datasets.Dataset` (an `IterableDataset` cannot be scored by the E-step), got "
+                f"{type(dataset).__name__} as the {dataset_name} dataset."
+            )
+        validate_mcq_dataset(dataset, name=f"{dataset_name} dataset", require_completion=True)
 
     def _reads_lm_head(self) -> bool:
         return self._rcft_active or super()._reads_lm_head()

@@ -3,8 +3,11 @@
 - `ForwardCapture`: the fused LM head's output and the backbone's last hidden state of the training forward, read
   through forward hooks, so the trainers reuse `SFTTrainer.compute_loss` unchanged and add their term on top.
 - `CalibrationTrainerMixin`: carrying extra per-example columns through TRL's dataset preparation (including packing,
-  where TRL keeps only `input_ids` and `labels`), the answer position of multiple-choice rows, the flag collator,
+  where TRL keeps only `input_ids` and `labels`), the answer position of multiple-choice rows, calib-trl's dataset
+  checks after TRL's own, the alignment of per-token tensors with prompt-learning virtual tokens, the flag collator,
   checkpointed trainer state, NaN/inf handling.
+- `resolve_config`, `check_not_empty`: the trainers' `args` and training dataset, resolved and checked as
+  `SFTTrainer` resolves its own.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
 from datasets import Dataset, IterableDataset
+from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl.data_utils import pack_dataset
+from trl.data_utils import get_dataset_column_names, pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-from trl.trainer.utils import FusedCausalLMOutput
+from trl.trainer.utils import FusedCausalLMOutput, get_config_model_id
 
+from .calib_sft_config import CalibSFTConfig
 from .collator import DataCollatorWithKnowledgeFlags, _as_number
 from .mcq import LETTERS, OptionTokenLookup, normalize_answer, template_kwargs
 from .utils import logger
@@ -112,13 +117,58 @@ def example_index(inputs: dict, shape: torch.Size, padding_free: bool) -> torch.
     return rows
 
 
+def resolve_config(args, config_class, model, suffix: str):
+    """
+    The trainer's configuration from its `args`, resolved as `SFTTrainer` resolves its own: `None` gives
+    `config_class`'s defaults with the output directory `<model name>-<suffix>`; a `transformers.TrainingArguments` or
+    `trl.SFTConfig` is converted (`config_class.from_training_arguments`: its fields kept, calib-trl's at their
+    defaults), which is logged. The configuration of the other calib-trl trainer is refused.
+    """
+    if args is None:
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return config_class(f"{name.split('/')[-1]}-{suffix}")
+    if isinstance(args, config_class):
+        return args
+    if isinstance(args, CalibSFTConfig):
+        raise TypeError(
+            f"`args` must be an instance of `{config_class.__name__}`, got {type(args).__name__}, which configures "
+            f"another calib-trl trainer. Build a `{config_class.__name__}` with the settings you need."
+        )
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"`args` must be an instance of `{config_class.__name__}`, `trl.SFTConfig` or `TrainingArguments`, got "
+            f"{type(args).__name__}."
+        )
+    config = config_class.from_training_arguments(args)
+    logger.warning(
+        "`args` is a `%s`: converted to a `%s` with the same settings and calib-trl's own at their defaults.",
+        type(args).__name__,
+        config_class.__name__,
+    )
+    return config
+
+
+def check_not_empty(dataset, dataset_name: str) -> None:
+    """An empty dataset, which `SFTTrainer` would stop on with a bare `StopIteration` when it reads its first row."""
+    if isinstance(dataset, Dataset):
+        empty = len(dataset) == 0
+    elif isinstance(dataset, IterableDataset):
+        empty = next(iter(dataset), None) is None
+    else:
+        return
+    if empty:
+        raise ValueError(
+            f"The {dataset_name} dataset is empty: there is nothing to train on. Check the split you loaded and any "
+            "filtering applied to it."
+        )
+
+
 def check_flag_column(dataset, column: str, dataset_name: str) -> tuple[int, int]:
     """
     Validate a per-example 0/1 column (`known`): present, boolean-like, no NaN. Returns `(n_true, n)` for a `Dataset`
     (first example only for an `IterableDataset`).
     """
-    columns = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset)).keys())
-    if column not in columns:
+    if column not in get_dataset_column_names(dataset):
         raise ValueError(
             f"The {dataset_name} dataset has no `{column}` column, which `detection='precomputed'` needs. Run "
             f"`calib_trl.detect_known(model, tokenizer, dataset, calibration_dataset)` first (or `calib-trl detect`), "
@@ -150,6 +200,14 @@ class CalibrationTrainerMixin:
     # columns its collator turns into per-token tensors (a subset of them, or columns `_post_tokenize` derives)
     _carried_columns: tuple[str, ...] = ()
     _flag_columns: tuple[str, ...] = ()
+    # Positions a prompt-learning PEFT method (prompt tuning, p-tuning) prepends to every sequence
+    _virtual_tokens: int = 0
+
+    def _check_dataset(self, dataset, args, dataset_name: str) -> None:
+        """
+        Hook: calib-trl's own checks of a dataset as the user passed it. Called after `SFTTrainer` has prepared (and
+        validated) it, so that TRL's errors come first; `calib-trl` refuses only what it cannot do.
+        """
 
     def _post_tokenize(self, dataset, processing_class, args, dataset_name):
         """Hook on the tokenized (unpacked) dataset, before packing; `RCFTTrainer` locates answer positions here."""
@@ -167,17 +225,12 @@ class CalibrationTrainerMixin:
         )
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        columns = dataset.column_names
-        if columns is None:  # an `IterableDataset` without features: read the first example's keys
-            columns = list(next(iter(dataset)).keys())
-        carried = [c for c in self._carried_columns if c in columns]
+        raw = dataset
+        carried = [c for c in self._carried_columns if c in get_dataset_column_names(dataset)]
         if not carried:
-            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if packing and not isinstance(dataset, Dataset):
-            raise ValueError(
-                f"Packing an `IterableDataset` would drop its `{carried[0]}` column; pack a `datasets.Dataset`, or "
-                "disable packing."
-            )
+            dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+            self._check_dataset(raw, args, dataset_name)
+            return dataset
         # TRL's maps keep extra columns; only packing drops them. Tokenize and build labels as TRL does (without
         # truncation when packing, which handles the length itself), then pack the flag columns per token.
         prep_args = args
@@ -187,6 +240,12 @@ class CalibrationTrainerMixin:
             prep_args.shuffle_dataset = False
         n_before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = super()._prepare_dataset(dataset, processing_class, prep_args, False, formatting_func, dataset_name)
+        self._check_dataset(raw, args, dataset_name)
+        if packing and not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"Packing an `IterableDataset` would drop its `{carried[0]}` column; pack a `datasets.Dataset`, or "
+                "disable packing."
+            )
         if n_before is not None and len(dataset) < n_before:
             self._on_rows_dropped(n_before - len(dataset), n_before, args, dataset_name)
         dataset = self._post_tokenize(dataset, processing_class, args, dataset_name)
@@ -334,6 +393,19 @@ class CalibrationTrainerMixin:
             )
 
     # -- loss helpers --------------------------------------------------------------------------------------------
+
+    def _to_outputs(self, tensor: torch.Tensor, inputs: dict, fill: float | None = None) -> torch.Tensor:
+        """
+        A per-token tensor of the batch (`[batch, seq]`: labels, flags, example index) aligned with the fused head's
+        outputs. Prompt-learning PEFT prepends `_virtual_tokens` positions to each sequence, and `-100` to its labels,
+        before the model shifts them; the same columns are prepended here (`fill`, or a copy of each row's first
+        value) before `shifted`.
+        """
+        n = self._virtual_tokens
+        if n:
+            front = tensor[:, :1].expand(-1, n) if fill is None else tensor.new_full((tensor.shape[0], n), fill)
+            tensor = torch.cat([front, tensor], dim=1)
+        return shifted(tensor, inputs)
 
     def _loss_scale(self, num_items_in_batch) -> float:
         """`SFTTrainer`'s scaling of a token-normalised loss under `average_tokens_across_devices`."""

@@ -40,7 +40,9 @@ def main(script_args, training_args, model_args):
 
     train = splits["train"]
     calibration = splits.get("calibration")
-    if training_args.calibrates and training_args.apply_to == "known" and training_args.detection == "precomputed":
+    # Flags computed here, after a short style adaptation; `detection="auto"` (the default) then reads them from the
+    # `known` column. Without this step the trainer would detect them itself, without style adaptation.
+    if training_args.calibrates and training_args.apply_to == "known" and training_args.detection != "online":
         train, report = detect_known(
             model,
             tokenizer,

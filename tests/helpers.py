@@ -75,3 +75,45 @@ def make_mcq_dataset(
             row["known"] = rng.random() < 0.5 if known else False
         rows.append(row)
     return Dataset.from_list(rows)
+
+
+# ChatML with `{% generation %}` markers around the assistant's messages, for `assistant_only_loss`
+TRAINING_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_open_ended_dataset(n: int, messages: bool = False) -> Dataset:
+    """Open-ended rows "Say <word> <i>" -> "<word>": conversational prompt/completion, or `messages` rows."""
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Say {WORDS[i % len(WORDS)]} {i}"}]
+        completion = [{"role": "assistant", "content": WORDS[i % len(WORDS)]}]
+        rows.append({"messages": prompt + completion} if messages else {"prompt": prompt, "completion": completion})
+    return Dataset.from_list(rows)
+
+
+def memorize(model, tokenizer, dataset, steps: int = 60):
+    """Overfit `model` on `dataset` (a few seconds), so that it answers those rows, and only those, correctly."""
+    import tempfile
+
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            tmp,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            activation_checkpointing=False,
+            bf16=False,
+            per_device_train_batch_size=len(dataset),
+            max_steps=steps,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+        )
+        SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    return model

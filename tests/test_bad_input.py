@@ -10,7 +10,6 @@ import torch
 from datasets import Dataset, IterableDataset
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 from transformers import TrainerCallback
-from trl import SFTConfig
 
 import calib_trl.calib_sft_trainer
 import calib_trl.rcft_trainer
@@ -66,7 +65,7 @@ def test_missing_known_column(tmp_path, tok):
     ):
         CalibSFTTrainer(
             model=make_model(len(tok)),
-            args=calib_config(tmp_path),
+            args=calib_config(tmp_path, detection="precomputed"),
             train_dataset=make_mcq_dataset(4),
             processing_class=tok,
         )
@@ -74,7 +73,7 @@ def test_missing_known_column(tmp_path, tok):
     with pytest.raises(ValueError, match="The eval dataset has no `known` column"):
         CalibSFTTrainer(
             model=make_model(len(tok)),
-            args=calib_config(tmp_path),
+            args=calib_config(tmp_path, detection="precomputed"),
             train_dataset=with_known([1, 0]),
             eval_dataset=make_mcq_dataset(2),
             processing_class=tok,
@@ -83,7 +82,7 @@ def test_missing_known_column(tmp_path, tok):
     with pytest.raises(ValueError, match="has no `is_known` column"):
         CalibSFTTrainer(
             model=make_model(len(tok)),
-            args=calib_config(tmp_path, known_column="is_known"),
+            args=calib_config(tmp_path, known_column="is_known", detection="precomputed"),
             train_dataset=with_known([1, 0]),
             processing_class=tok,
         )
@@ -541,7 +540,9 @@ def test_nonfinite_loss_skip_leaves_the_parameters_unchanged(tmp_path, tok, monk
             r"`calibration_loss` must be one of \['ls', 'mbls', 'ecp', 'none'\], got 'focal'",
         ),
         (dict(apply_to="some"), r"`apply_to` must be one of \['known', 'all', 'none'\], got 'some'"),
-        (dict(detection="auto"), r"`detection` must be one of \['precomputed', 'online'\], got 'auto'"),
+        (dict(detection="always"), r"`detection` must be one of \['auto', 'precomputed', 'online'\], got 'always'"),
+        (dict(unfitted_threshold="ignore"), r"`unfitted_threshold` must be one of \['raise', 'warn'\], got 'ignore'"),
+        (dict(auto_detection_samples=1), r"`auto_detection_samples` must be >= 2, got 1"),
         (dict(answer_nll="last"), r"`answer_nll` must be one of \['auto', 'first', 'mean'\], got 'last'"),
         (dict(nonfinite_loss="ignore"), r"`nonfinite_loss` must be one of \['raise', 'skip'\], got 'ignore'"),
         (dict(online_refit_steps=0), r"`online_refit_steps` must be >= 1, got 0"),
@@ -596,16 +597,19 @@ def test_valid_edge_values_are_accepted(tmp_path):
 def test_wrong_config_class_and_incompatible_sft_options(tmp_path, tok):
     with pytest.raises(
         TypeError,
-        match=r"`args` must be a `CalibSFTConfig`, got SFTConfig\. Build one with the same "
-        r"arguments",
+        match=r"`args` must be an instance of `CalibSFTConfig`, `trl\.SFTConfig` or `TrainingArguments`, got dict",
     ):
         CalibSFTTrainer(
             model=make_model(len(tok)),
-            args=SFTConfig(str(tmp_path), report_to=[], bf16=False),
+            args={"output_dir": str(tmp_path)},
             train_dataset=with_known([1, 0]),
             processing_class=tok,
         )
-    with pytest.raises(TypeError, match=r"`args` must be an `RCFTConfig`, got CalibSFTConfig"):
+    with pytest.raises(
+        TypeError,
+        match=r"`args` must be an instance of `RCFTConfig`, got CalibSFTConfig, which configures another calib-trl "
+        r"trainer",
+    ):
         RCFTTrainer(
             model=make_model(len(tok)),
             args=calib_config(tmp_path),

@@ -1,9 +1,11 @@
 """CalibSFTTrainer: losses and gradients against a full-logits reference, in padded, padding-free and packed batches."""
 
+import copy
+
 import pytest
 import torch
 from helpers import make_mcq_dataset, make_model, make_tokenizer
-from peft import LoraConfig
+from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from trl import SFTConfig, SFTTrainer
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer
@@ -36,13 +38,22 @@ def first_batch(trainer):
     return {k: v for k, v in batch.items()}
 
 
-def reference_loss(model, batch, args, num_items):
-    """The CogCalib loss from the full `[B, T, V]` logits, written literally from the method definitions."""
+def reference_loss(model, batch, args, num_items, virtual_tokens=0):
+    """
+    The CogCalib loss from the full `[B, T, V]` logits, written literally from the method definitions. With
+    prompt-learning PEFT, the logits also cover the `virtual_tokens` positions it prepends, whose labels are -100.
+    """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "known")}
     logits = model(**inputs, use_cache=False).logits.float()[:, :-1]
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"]
+    known = batch["known"] if "known" in batch else torch.zeros_like(labels, dtype=torch.float)
+    if virtual_tokens:
+        labels = torch.cat([labels.new_full((labels.shape[0], virtual_tokens), -100), labels], dim=1)
+        known = torch.cat([known.new_zeros((known.shape[0], virtual_tokens)), known], dim=1)
+    assert logits.shape[1] == labels.shape[1] - 1
+    labels = labels[:, 1:]
     mask = labels != -100
-    known = batch["known"][:, 1:] > 0.5 if "known" in batch else torch.zeros_like(mask)
+    known = known[:, 1:] > 0.5
     selected = mask & (known if args.apply_to == "known" else torch.ones_like(mask))
     logp = logits.log_softmax(-1)
     nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -65,17 +76,19 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-def run_both(tmp_path, mode, peft=False, **kwargs):
+def run_both(tmp_path, mode, peft=False, virtual_tokens=0, **kwargs):
     tok = make_tokenizer()
     data = make_mcq_dataset(12, seed=1, known=True)
     model = make_model(len(tok), seed=3)
     args = config(tmp_path, mode, **kwargs)
+    if peft is True:
+        peft = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     trainer = CalibSFTTrainer(
         model=model,
         args=args,
         train_dataset=data,
         processing_class=tok,
-        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if peft else None,
+        peft_config=peft or None,
     )
     batch = first_batch(trainer)
     if args.apply_to == "known":
@@ -84,7 +97,7 @@ def run_both(tmp_path, mode, peft=False, **kwargs):
         assert "known" not in batch
     model = trainer.model
     loss, fused, num_items = trainer_loss_and_grads(trainer, batch)
-    ref = reference_loss(model, batch, args, num_items)
+    ref = reference_loss(model, batch, args, num_items, virtual_tokens)
     ref.backward()
     reference = grads(model)
     model.zero_grad()
@@ -125,6 +138,34 @@ def test_lora_gradients_match_reference(tmp_path, method):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     lora = [n for n in fused if "lora_" in n]
     assert lora, "LoRA parameters must receive gradient"
+    for name in fused:
+        torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+PROMPT_LEARNING = {
+    "prompt_tuning": (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), 5),
+    "p_tuning": (PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16), 3),
+    "prefix_tuning": (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 0),  # in the attention cache
+}
+
+
+@pytest.mark.parametrize("peft", list(PROMPT_LEARNING))
+@pytest.mark.parametrize("method", ["ls", "mbls", "ecp"])
+def test_prompt_learning_matches_reference(tmp_path, method, peft):
+    # The virtual tokens shift the fused head's outputs against the batch's labels and flags
+    peft_config, virtual_tokens = PROMPT_LEARNING[peft]
+    loss, ref, fused, reference, batch = run_both(
+        tmp_path,
+        "padded",
+        peft=copy.deepcopy(peft_config),
+        virtual_tokens=virtual_tokens,
+        calibration_loss=method,
+        mbls_margin=2.0,
+    )
+    known = batch["known"][:, 1:][batch["labels"][:, 1:] != -100]
+    assert 0 < known.sum() < known.numel()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert fused and fused.keys() == reference.keys()
     for name in fused:
         torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
 

@@ -194,7 +194,7 @@ def test_losses_and_final_weights_match_single_process(runs, name):
 def test_known_flags_mix_within_the_steps(runs):
     """The calibration term applies to part of each batch, so selecting the wrong tokens would change the loss."""
     ref, _ = runs["reference"]
-    for name in ("ls", "mbls", "ecp", "online"):
+    for name in ("ls", "mbls", "ecp", "online", "auto"):
         fractions = [h["calib/known_fraction"] for h in ref[name]["logs"]]
         assert sum(0 < f < 1 for f in fractions) >= 2, (name, fractions)
 

@@ -72,6 +72,9 @@ CONFIGS = {
         estep_batch_size=4,
         estep_samples=None,
     ),
+    # `detection="auto"`: the rows have no `known` column, so each process scores its share of them (the model's own
+    # answers) before the first step, and every process must end up with the flags of a single-process run
+    "auto": dict(trainer="calib", data="mcq_online", calibration_loss="ecp", ecp_beta=0.5),
     "rcft": dict(
         trainer="rcft",
         data="mcq_train",
@@ -172,6 +175,8 @@ def train_one(name: str, workdir: str, grad_accum: int, run_dir: str) -> tuple[d
     record["logs"] = [h for h in trainer.state.log_history if "loss" in h]
     if trainer.detector is not None:
         record["detector"] = trainer.detector.history
+    if kind == "calib" and args.detection == "auto":
+        record["known"] = list(trainer.train_dataset[args.known_column])
     if kind == "rcft":
         record["final_bins"] = {k: trainer._bin_stats[k] for k in ("counts", "accuracy", "confidence")}
     record["skipped_steps"] = trainer._skipped_steps
