@@ -53,14 +53,8 @@ def main():
         return
 
     from calib_trl.defaults import load_default_dataset, load_default_model, load_default_tokenizer
-    from calib_trl.knowledge import (
-        answer_rows,
-        detection_report,
-        fit_knowledge_rule,
-        score_completions,
-        youden_threshold,
-    )
-    from calib_trl.mcq import score_multiple_choice
+    from calib_trl.knowledge import detection_report, fit_knowledge_rule, youden_threshold
+    from calib_trl.scoring import answer_rows, score_completions, score_multiple_choice
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = load_default_model(dtype=dtype).to(args.device).eval()
@@ -139,7 +133,7 @@ def main():
             "greedy answers (held-out rows)",
             len(held_out),
             lambda: score_completions(
-                model, tok, open_ended.select(held_out), batch_size=args.batch, check_greedy=True, progress=False
+                model, tok, open_ended.select(held_out), batch_size=args.batch, check_correct=True, progress=False
             ),
         )
         add(

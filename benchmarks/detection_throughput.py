@@ -7,7 +7,7 @@ Throughput of a knowledge-detection pass against a bare batched forward pass ove
 
 Three timings over the same rows of the default MMLU train split, with the default model:
 
-- `detect`: `calib_trl.knowledge.score_answer_nll`, i.e. what `detect_known` runs per row (tokenization included,
+- `detect`: `calib_trl.scoring.score_answers`, i.e. what `detect_known` runs per row (tokenization included,
   answer NLL and option probabilities out);
 - `bare`: the strictest baseline: the already-tokenized prompts, in the same length-sorted left-padded batches, through
   `model(input_ids, attention_mask, position_ids, logits_to_keep=1)` and nothing else;
@@ -34,8 +34,8 @@ def main():
     args = parser.parse_args()
 
     from calib_trl.defaults import load_default_dataset, load_default_model, load_default_tokenizer
-    from calib_trl.knowledge import score_answer_nll
-    from calib_trl.mcq import _padded_batch, next_token_logits, tokenize_prompt
+    from calib_trl.scoring import ScoringPass, next_token_logits, score_answers
+    from calib_trl.tokenization import tokenize_prompt
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = load_default_model(dtype=dtype).to(args.device).eval()
@@ -51,10 +51,10 @@ def main():
             torch.cuda.synchronize()
 
     def bare():
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        for s in range(0, len(order), args.batch_size):
-            batch = [encoded[i] for i in order[s : s + args.batch_size]]
-            next_token_logits(model, *_padded_batch(batch, tok.pad_token_id, args.device))
+        sequences = dict(enumerate(encoded))
+        scoring = ScoringPass(len(encoded), progress=False)
+        for _, *inputs in scoring.batches(model, sequences, args.batch_size, tok.pad_token_id, "bare", "q"):
+            next_token_logits(model, *inputs)
 
     @torch.no_grad()
     def naive():
@@ -66,7 +66,7 @@ def main():
             _ = model(input_ids=ids, attention_mask=mask).logits
 
     def detect():
-        score_answer_nll(model, tok, data, batch_size=args.batch_size, progress=False, shard=False)
+        score_answers(model, tok, data, batch_size=args.batch_size, progress=False, shard=False)
 
     timings = {}
     bare()  # warm-up

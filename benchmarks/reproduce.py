@@ -198,7 +198,7 @@ def load_model(smoke: bool, dtype):
 
 
 def score(model, tok, rows, batch_size, lm_check=True):
-    from calib_trl.mcq import score_multiple_choice
+    from calib_trl.scoring import score_multiple_choice
 
     return score_multiple_choice(model, tok, rows, batch_size=batch_size, progress=False, lm_check=lm_check)
 
@@ -575,10 +575,10 @@ def main():
         return
 
     from calib_trl import detect_known
-    from calib_trl.mcq import normalize_answer
+    from calib_trl.mcq import answer_index
 
     results["labels"] = {
-        split: [normalize_answer(a, len(c)) for a, c in zip(data[split]["answer"], data[split]["choices"])]
+        split: [answer_index(a, len(c)) for a, c in zip(data[split]["answer"], data[split]["choices"])]
         for split in SPLITS
     }
     base_model, tok = load_model(smoke, dtype)

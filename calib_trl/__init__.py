@@ -9,10 +9,11 @@ from .collator import DataCollatorWithKnowledgeFlags
 from .knowledge import DetectionReport, OnlineKnowledgeDetector, detect_known, style_adapt, youden_threshold
 from .lm_eval_logs import from_lm_eval, record_lm_eval
 from .losses import rcft_target
-from .mcq import make_mcq_example, score_multiple_choice
+from .mcq import make_mcq_example
 from .metrics import calibration_report
 from .rcft_config import RCFTConfig
 from .rcft_trainer import RCFTTrainer
+from .scoring import score_multiple_choice
 
 __all__ = [
     "CalibSFTConfig",

@@ -14,7 +14,7 @@ from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 
 from .calib_sft_config import CalibSFTConfig
-from .knowledge import KnowledgeRule, OnlineKnowledgeDetector, answer_rows, fit_knowledge_rule, is_multiple_choice
+from .knowledge import KnowledgeRule, OnlineKnowledgeDetector, fit_knowledge_rule
 from .losses import (
     calibration_term,
     full_lm_head_params,
@@ -22,7 +22,9 @@ from .losses import (
     option_calibration_term,
     project_logits,
 )
+from .mcq import is_multiple_choice
 from .model_card import COGCALIB_CITATION, RCFT_CITATION, CalibrationModelCardMixin
+from .scoring import answer_rows
 from .trainer_utils import (
     ANSWER_COLUMN,
     CalibrationTrainerMixin,

@@ -6,8 +6,9 @@ import os
 
 from transformers import TrainerCallback
 
-from .mcq import score_multiple_choice, validate_mcq_dataset
+from .mcq import validate_mcq_dataset
 from .metrics import REPORT_METRICS, reliability_diagram_data
+from .scoring import score_multiple_choice
 
 
 class CalibrationCallback(TrainerCallback):
@@ -21,7 +22,7 @@ class CalibrationCallback(TrainerCallback):
     checkpoints, on `push_to_hub` and on `save_model` (or call `trainer.create_model_card()`). Beside calibration it
     logs what calibration may cost elsewhere: `answer_mass`, the full-vocabulary probability of the option letters at
     the answer position, and `lm_nll`, the NLL of the evaluation prompts' own text (see
-    `calib_trl.mcq.score_multiple_choice`).
+    `calib_trl.scoring.score_multiple_choice`).
 
     Scoring reads the option-letter logits at the answer position (`logits_to_keep=1`) and projects the prompts'
     text tokens through the LM head once for `lm_nll`. Under

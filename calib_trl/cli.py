@@ -96,9 +96,9 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | None = N
 
 
 def cmd_evaluate(args) -> dict:
-    from .mcq import score_multiple_choice
     from .metrics import calibration_gaps, reliability_diagram_data
     from .plotting import plot_reliability_diagram
+    from .scoring import score_multiple_choice
     from .temperature_scaling import apply_temperature, fit_temperature
 
     data = load_mcq_dataset(args.dataset, args.split, args.max_samples, args.seed)

@@ -6,7 +6,8 @@ the ground truth being whether the model answers the calibration item correctly:
 multiple choice, a normalised exact match of the greedy answer for open-ended data.
 
 - `answer_nll` of a multiple-choice row is `-log p(correct letter)` over the whole vocabulary at the answer position
-  (one forward pass of the prompt, `logits_to_keep=1`); of an open-ended row, the mean NLL of its completion tokens.
+  (one forward pass of the prompt, `logits_to_keep=1`); of an open-ended row, the mean NLL of its completion tokens
+  (both from `calib_trl.scoring.score_answers`).
 - `detect_known` scores a dataset once (precomputed mode) and adds `answer_nll` and `known` columns, optionally after a
   short style adaptation so that the NLL reflects knowledge rather than unfamiliar wording.
 - `OnlineKnowledgeDetector` re-fits the threshold every N training steps on the calibration split (online mode); the
@@ -18,30 +19,15 @@ from __future__ import annotations
 import copy
 import gc
 import math
-import re
-import string
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import extract_model_from_parallel
-from tqdm.auto import tqdm
-from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml
 
-from .mcq import (
-    _common_prefix,
-    _model_device,
-    _padded_batch,
-    is_conversational_prompt,
-    score_multiple_choice,
-    shard_indices,
-    tokenize_prompt,
-    tokenize_prompt_completion,
-    validate_mcq_dataset,
-)
+from .mcq import is_multiple_choice, validate_mcq_dataset
+from .scoring import answer_rows, score_answers, score_multiple_choice
 from .utils import logger
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,188 +153,6 @@ def detection_report(nll, correct, threshold: float, j=None, tpr=None, tnr=None,
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def is_multiple_choice(dataset) -> bool:
-    """Whether the rows carry `choices` and `answer` (an `IterableDataset` without features: its first row)."""
-    names = dataset.column_names
-    if names is None:
-        names = list(next(iter(dataset)).keys())
-    return "choices" in names and "answer" in names
-
-
-def normalize_answer_text(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def _as_trained(completion: Any, tokenizer) -> Any:
-    """The completion as `SFTTrainer` trains on it: a plain-text completion gets the EOS token appended."""
-    if isinstance(completion, str) and tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
-        return completion + tokenizer.eos_token
-    return completion
-
-
-def _completion_text(completion: Any) -> str:
-    if is_conversational_prompt(completion):
-        return "".join(m.get("content", "") for m in completion)
-    return completion
-
-
-def score_completions(
-    model,
-    tokenizer,
-    dataset,
-    batch_size: int = 16,
-    check_greedy: bool = False,
-    max_new_tokens: int | None = None,
-    progress: bool = True,
-    desc: str = "Scoring answers",
-    shard: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """
-    Mean NLL of each row's completion tokens given its prompt (teacher forcing, length-sorted left-padded batches; only
-    the completion positions are projected through the LM head), and, with `check_greedy=True`, whether the greedy
-    answer matches the completion after `normalize_answer_text`.
-
-    Returns:
-        `(nll [N], correct [N] or None)`.
-    """
-    for column in ("prompt", "completion"):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"Scoring open-ended answers needs `prompt` and `completion` columns; `{column}` is missing "
-                f"(got {dataset.column_names})."
-            )
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("The dataset is empty: there is nothing to score.")
-    prompts, completions = dataset["prompt"], dataset["completion"]
-    indices, state = shard_indices(n) if shard else (np.arange(n), None)
-    show = progress and (state is None or state.is_main_process)
-    seqs, comp_len, prompt_ids = {}, {}, {}
-    for i in indices:
-        p = tokenize_prompt(tokenizer, prompts[i])
-        full = tokenize_prompt_completion(tokenizer, prompts[i], _as_trained(completions[i], tokenizer))
-        k = _common_prefix(p, full)
-        if k >= len(full):
-            raise ValueError(f"Row {i} has an empty completion: there is no answer to score.")
-        seqs[i], comp_len[i], prompt_ids[i] = full, len(full) - k, p[:k]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = _model_device(model)
-    order = sorted(indices, key=lambda i: -len(seqs[i]))
-    nll, correct = {}, {}
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=len(order), desc=desc, disable=not show, unit="ex")
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            keep = max(comp_len[i] for i in batch) + 1
-            ids, mask, pos = _padded_batch([seqs[i] for i in batch], pad_id, device)
-            with torch.no_grad():
-                logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False
-                ).logits.float()
-            logp = logits[:, :-1].log_softmax(-1)  # predicts the last keep-1 tokens
-            targets = ids[:, ids.shape[1] - keep + 1 :].to(logp.device)
-            token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            for r, i in enumerate(batch):
-                nll[i] = float(token_nll[r, -comp_len[i] :].mean())
-            bar.update(len(batch))
-        bar.close()
-        if check_greedy:
-            # `generate` lives on the model itself, not on its DDP/FSDP wrapper; with several processes each one
-            # keeps stepping until all are done (`synced_gpus`), since sharded models gather weights in every forward
-            generator = extract_model_from_parallel(model)
-            synced = state is not None
-            for start in tqdm(range(0, len(order), batch_size), desc="Greedy answers", disable=not show, unit="batch"):
-                batch = order[start : start + batch_size]
-                ids, mask, _ = _padded_batch([prompt_ids[i] for i in batch], pad_id, device)
-                width = ids.shape[1]
-                new = max_new_tokens or max(comp_len[i] for i in batch) + 8
-                with torch.no_grad():
-                    out = generator.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        max_new_tokens=new,
-                        do_sample=False,
-                        pad_token_id=pad_id,
-                        synced_gpus=synced,
-                    )
-                texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-                for r, i in enumerate(batch):
-                    reference = normalize_answer_text(_completion_text(completions[i]))
-                    correct[i] = normalize_answer_text(texts[r].strip().split("\n")[0]) == reference
-    finally:
-        model.train(was_training)
-    if state is not None:
-        from accelerate.utils import gather_object
-
-        rows = gather_object([(int(i), nll[i], correct.get(i)) for i in indices])
-        nll = {i: v for i, v, _ in rows}
-        correct = {i: c for i, _, c in rows}
-    nll_arr = np.array([nll[i] for i in range(n)])
-    correct_arr = np.array([bool(correct[i]) for i in range(n)]) if check_greedy else None
-    return nll_arr, correct_arr
-
-
-def answer_rows(dataset):
-    """
-    `dataset` in the form the scorers read: prompt/completion rows as they are; conversational language-modelling rows
-    (`messages`, or ShareGPT `conversations`, converted to ChatML by TRL's `maybe_convert_to_chatml`) split at their
-    last assistant message into `prompt` (the messages before it) and `completion` (that message). `choices` and
-    `answer` are kept. Returns `None` when the rows hold no answer to score (plain text, pre-tokenized rows).
-    """
-    columns = get_dataset_column_names(dataset)
-    if "prompt" in columns and "completion" in columns:
-        return dataset
-    if "messages" not in columns and "conversations" not in columns:
-        return None
-
-    def split(example):
-        messages = maybe_convert_to_chatml(dict(example))["messages"]
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            raise ValueError(
-                "A conversational row has no assistant message, so it has no answer to score: "
-                f"{[m.get('role') for m in messages]}."
-            )
-        return {"prompt": messages[:last], "completion": [messages[last]]}
-
-    keep = ("choices", "answer")
-    return dataset.map(split, remove_columns=[c for c in columns if c not in keep])
-
-
-def score_answer_nll(
-    model,
-    tokenizer,
-    dataset,
-    batch_size: int = 16,
-    need_correct: bool = False,
-    progress: bool = True,
-    desc: str = "Scoring answers",
-    shard: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Answer NLL of each row (and correctness when asked), multiple choice or open-ended (see the module doc)."""
-    if is_multiple_choice(dataset):
-        scores = score_multiple_choice(
-            model, tokenizer, dataset, batch_size=batch_size, progress=progress, desc=desc, shard=shard
-        )
-        return scores.answer_nll, scores.correct
-    return score_completions(
-        model,
-        tokenizer,
-        dataset,
-        batch_size=batch_size,
-        check_greedy=need_correct,
-        progress=progress,
-        desc=desc,
-        shard=shard,
-    )
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Style adaptation
 # --------------------------------------------------------------------------------------------------------------------
@@ -448,7 +252,7 @@ def detect_known(
     style_adaptation_kwargs: dict | None = None,
     style_adaptation_dataset=None,
     keep_adapted: bool = False,
-    check_greedy: bool = True,
+    check_correct: bool = True,
     progress: bool = True,
     return_report: bool = False,
 ):
@@ -474,7 +278,7 @@ def detect_known(
             lower their NLL and flag rows known that the model had only just been shown. Without a calibration
             dataset, `dataset` itself is used, with that bias.
         keep_adapted (`bool`): return the adapted model too, to continue training from it.
-        check_greedy (`bool`): for open-ended calibration rows, the ground truth is a greedy-answer match.
+        check_correct (`bool`): for open-ended calibration rows, the ground truth is a greedy-answer match.
         progress (`bool`): progress bars.
         return_report (`bool`): also return the `DetectionReport`.
 
@@ -512,18 +316,18 @@ def detect_known(
     if calibration_dataset is not None:
         if is_multiple_choice(calibration_dataset):
             validate_mcq_dataset(calibration_dataset, name="calibration_dataset")
-        cal_nll, cal_correct = score_answer_nll(
+        cal_nll, cal_correct = score_answers(
             probe,
             tokenizer,
             calibration_dataset,
             batch_size,
-            need_correct=check_greedy,
+            check_correct=check_correct,
             progress=progress,
             desc="Scoring calibration split",
         )
         if cal_correct is None:
             raise ValueError(
-                "Fitting a threshold on open-ended calibration rows needs `check_greedy=True` (the ground truth is "
+                "Fitting a threshold on open-ended calibration rows needs `check_correct=True` (the ground truth is "
                 "whether the greedy answer matches)."
             )
         if threshold is None:
@@ -532,7 +336,7 @@ def detect_known(
             threshold = t
         else:
             report = detection_report(cal_nll, cal_correct, threshold)
-    nll, _ = score_answer_nll(probe, tokenizer, dataset, batch_size, progress=progress, desc="Scoring dataset")
+    nll, _ = score_answers(probe, tokenizer, dataset, batch_size, progress=progress, desc="Scoring dataset")
     known = nll <= threshold
     if report is not None:
         report.known_fraction = float(known.mean())
@@ -595,7 +399,7 @@ class KnowledgeRule:
                 model, tokenizer, rows, batch_size=batch_size, progress=progress, desc=desc, shard=True
             )
             return scores.correct
-        nll, _ = score_answer_nll(model, tokenizer, rows, batch_size, progress=progress, desc=desc)
+        nll, _ = score_answers(model, tokenizer, rows, batch_size, progress=progress, desc=desc)
         return nll <= self.threshold
 
     def to_dict(self) -> dict:
@@ -639,12 +443,12 @@ def fit_knowledge_rule(
         path, fit_rows = "training_sample", rows.select(np.sort(pick))
     if is_multiple_choice(fit_rows):
         validate_mcq_dataset(fit_rows, name=path)
-    nll, correct = score_answer_nll(
+    nll, correct = score_answers(
         model,
         tokenizer,
         fit_rows,
         batch_size,
-        need_correct=True,
+        check_correct=True,
         progress=progress,
         desc="Fitting the known threshold",
     )
@@ -720,12 +524,12 @@ class OnlineKnowledgeDetector:
         return global_step % self.refit_steps == 0 and global_step != self.last_refit_step
 
     def refit(self, model, global_step: int = 0) -> DetectionReport:
-        nll, correct = score_answer_nll(
+        nll, correct = score_answers(
             model,
             self.tokenizer,
             self.calibration_dataset,
             self.batch_size,
-            need_correct=True,
+            check_correct=True,
             progress=self.progress,
             desc="Re-fitting the known threshold",
         )

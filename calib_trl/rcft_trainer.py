@@ -7,10 +7,11 @@ from transformers import TrainingArguments
 
 from .calib_sft_trainer import CalibSFTTrainer
 from .losses import confidence_bins, rcft_ece_loss
-from .mcq import score_multiple_choice, validate_mcq_dataset
+from .mcq import validate_mcq_dataset
 from .metrics import calibration_gaps, calibration_report
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
+from .scoring import score_multiple_choice
 from .trainer_utils import ANSWER_COLUMN, predicting, resolve_config, shifted
 from .utils import logger
 

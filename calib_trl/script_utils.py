@@ -13,9 +13,9 @@ from trl import ModelConfig, ScriptArguments
 from .callbacks import CalibrationCallback
 from .cli import MissingSplitError, load_mcq_dataset
 from .defaults import resolve_model_name_or_path
-from .mcq import score_multiple_choice
 from .metrics import format_table, reliability_diagram_data
 from .plotting import plot_reliability_diagrams
+from .scoring import score_multiple_choice
 from .utils import json_safe
 
 

@@ -28,7 +28,8 @@ from trl.trainer.utils import FusedCausalLMOutput, get_config_model_id
 
 from .calib_sft_config import CalibSFTConfig
 from .collator import DataCollatorWithKnowledgeFlags, _as_number
-from .mcq import LETTERS, OptionTokenLookup, normalize_answer, template_kwargs
+from .mcq import LETTERS, answer_index
+from .tokenization import OptionTokenLookup, template_kwargs
 from .utils import logger
 
 STATE_FILE = "calib_trl_state.json"
@@ -327,7 +328,7 @@ class CalibrationTrainerMixin:
                     "logits."
                 )
             k = len(row["choices"])
-            answer = normalize_answer(row["answer"], k, row=i)
+            answer = answer_index(row["answer"], k, row=i)
             if ids[position] != letters[answer]:
                 problems.append(
                     (

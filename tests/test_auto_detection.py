@@ -28,8 +28,8 @@ from trl import SFTConfig
 from trl.trainer.utils import get_config_model_id
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
-from calib_trl.knowledge import answer_rows, score_answer_nll, youden_threshold
-from calib_trl.mcq import score_multiple_choice
+from calib_trl.knowledge import youden_threshold
+from calib_trl.scoring import answer_rows, score_answers, score_multiple_choice
 
 COMMON = dict(
     report_to=[],
@@ -68,7 +68,7 @@ def knowing(tok):
     """A tiny model trained on the first 8 of 16 open-ended rows: it answers those correctly, and only those."""
     rows = make_open_ended_dataset(16)
     model = memorize(make_model(len(tok), seed=0), tok, rows.select(range(8)))
-    _, correct = score_answer_nll(model, tok, rows, need_correct=True, progress=False)
+    _, correct = score_answers(model, tok, rows, check_correct=True, progress=False)
     assert correct.tolist() == [True] * 8 + [False] * 8
     return model
 
@@ -105,10 +105,10 @@ def test_multiple_choice_rows_are_flagged_by_the_models_own_answer_inside_train(
 def test_a_calibration_dataset_gives_a_threshold_fitted_on_it(tmp_path, tok):
     model = make_model(len(tok), seed=4)
     train, calibration = make_mcq_dataset(12, seed=1), make_mcq_dataset(24, seed=3)
-    nll, correct = score_answer_nll(model, tok, calibration, need_correct=True, progress=False)
+    nll, correct = score_answers(model, tok, calibration, check_correct=True, progress=False)
     threshold = youden_threshold(nll, correct)[0]
     assert math.isfinite(threshold)
-    train_nll, _ = score_answer_nll(model, tok, train, progress=False)
+    train_nll, _ = score_answers(model, tok, train, progress=False)
     trainer = CalibSFTTrainer(
         model=model,
         args=config(tmp_path, max_steps=1),

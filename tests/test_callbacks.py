@@ -5,7 +5,7 @@ from helpers import make_mcq_dataset, make_model, make_tokenizer
 from transformers import TrainerCallback
 
 from calib_trl import CalibrationCallback, CalibSFTConfig, CalibSFTTrainer, calibration_report
-from calib_trl.mcq import score_multiple_choice
+from calib_trl.scoring import score_multiple_choice
 
 
 class Recorder(TrainerCallback):

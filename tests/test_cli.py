@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from calib_trl import calibration_report
 from calib_trl.cli import main
-from calib_trl.mcq import score_multiple_choice
 from calib_trl.metrics import REPORT_METRICS, format_table
+from calib_trl.scoring import score_multiple_choice
 
 
 def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):

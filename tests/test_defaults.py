@@ -18,7 +18,8 @@ from calib_trl.defaults import (
     load_mmlu_rows,
     resolve_model_name_or_path,
 )
-from calib_trl.mcq import LETTERS, option_token_ids, validate_mcq_dataset
+from calib_trl.mcq import LETTERS, validate_mcq_dataset
+from calib_trl.tokenization import option_token_ids
 
 # sha256 of the JSON list of question texts of each split, in order (default arguments)
 SPLIT_HASHES = {

@@ -9,8 +9,10 @@ from datasets import Dataset
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, OnlineKnowledgeDetector, detect_known, style_adapt
-from calib_trl.knowledge import normalize_answer_text, score_answer_nll, score_completions, youden_threshold
-from calib_trl.mcq import LETTERS, tokenize_prompt, tokenize_prompt_completion
+from calib_trl.knowledge import youden_threshold
+from calib_trl.mcq import LETTERS
+from calib_trl.scoring import normalize_text, score_answers, score_completions
+from calib_trl.tokenization import tokenize_prompt, tokenize_prompt_completion
 
 # -- Youden threshold -------------------------------------------------------------------------------------------------
 
@@ -65,7 +67,7 @@ def test_mcq_answer_nll_equals_example_by_example_reference():
     tok = make_tokenizer()
     model = make_model(len(tok), seed=1).eval()
     data = make_mcq_dataset(9, seed=2)
-    nll, correct = score_answer_nll(model, tok, data, batch_size=4, progress=False)
+    nll, correct = score_answers(model, tok, data, batch_size=4, progress=False)
     for i, row in enumerate(data):
         ids = torch.tensor([tokenize_prompt(tok, row["prompt"])])
         with torch.no_grad():
@@ -84,7 +86,7 @@ def test_open_ended_nll_and_greedy_match_reference():
         for w in ["cat", "a dog", "sunny day", "x"]
     ]
     data = Dataset.from_list(rows)
-    nll, correct = score_completions(model, tok, data, batch_size=3, check_greedy=True, progress=False)
+    nll, correct = score_completions(model, tok, data, batch_size=3, check_correct=True, progress=False)
     for i, row in enumerate(rows):
         p = tokenize_prompt(tok, row["prompt"])
         full = tokenize_prompt_completion(tok, row["prompt"], row["completion"])
@@ -100,12 +102,12 @@ def test_open_ended_nll_and_greedy_match_reference():
                 pad_token_id=tok.pad_token_id,
             )
         text = tok.decode(out[0, len(p) :], skip_special_tokens=True).strip().split("\n")[0]
-        assert correct[i] == (normalize_answer_text(text) == normalize_answer_text(row["completion"][0]["content"]))
+        assert correct[i] == (normalize_text(text) == normalize_text(row["completion"][0]["content"]))
 
 
 def test_normalize_answer_text():
-    assert normalize_answer_text("The  Eiffel-Tower!") == "eiffeltower"
-    assert normalize_answer_text("an apple, a pear") == "apple pear"
+    assert normalize_text("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_text("an apple, a pear") == "apple pear"
 
 
 # -- detect_known ----------------------------------------------------------------------------------------------------
@@ -118,11 +120,11 @@ def test_detect_known_flags_and_report():
     flagged, report = detect_known(
         model, tok, train, calibration_dataset=calib, batch_size=8, progress=False, return_report=True
     )
-    cal_nll, cal_correct = score_answer_nll(model, tok, calib, progress=False)
+    cal_nll, cal_correct = score_answers(model, tok, calib, progress=False)
     t, j, _, _ = youden_threshold(cal_nll, cal_correct)
     assert report.threshold == pytest.approx(t) and report.youden_j == pytest.approx(j)
     assert report.detection_accuracy == pytest.approx(np.mean((cal_nll <= t) == cal_correct))
-    nll, _ = score_answer_nll(model, tok, train, progress=False)
+    nll, _ = score_answers(model, tok, train, progress=False)
     np.testing.assert_allclose(flagged["answer_nll"], nll, rtol=1e-6)
     assert flagged["known"] == (nll <= t).tolist()
     assert report.known_fraction == pytest.approx(np.mean(nll <= t))
@@ -146,8 +148,8 @@ def test_style_adaptation_leaves_model_untouched_and_changes_scores():
     adapted = style_adapt(model, tok, data, steps=3, learning_rate=1e-3, batch_size=8, per_device_batch_size=4)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-    a, _ = score_answer_nll(model, tok, data, progress=False)
-    b, _ = score_answer_nll(adapted, tok, data, progress=False)
+    a, _ = score_answers(model, tok, data, progress=False)
+    b, _ = score_answers(adapted, tok, data, progress=False)
     assert b.mean() < a.mean()  # the adapted model puts more mass on the answer letters
 
 
@@ -180,7 +182,7 @@ def test_online_detector_refit_and_state():
     detector = OnlineKnowledgeDetector(calib, tok, refit_steps=5, batch_size=8)
     assert detector.due(0)
     report = detector.refit(model, 0)
-    nll, correct = score_answer_nll(model, tok, calib, progress=False)
+    nll, correct = score_answers(model, tok, calib, progress=False)
     assert report.threshold == pytest.approx(youden_threshold(nll, correct)[0])
     assert not detector.due(0) and not detector.due(3) and detector.due(5)
     other = OnlineKnowledgeDetector(calib, tok, refit_steps=5)
@@ -219,7 +221,7 @@ def test_online_flags_use_each_examples_answer_nll(tmp_path, padding_free):
     model = trainer.model
     trainer.detector.refit(model, 0)
     # put the threshold in the middle of this batch's answer NLLs so that both kinds occur
-    nll, _ = score_answer_nll(model, tok, train, progress=False)
+    nll, _ = score_answers(model, tok, train, progress=False)
     trainer.detector.threshold = float(np.median(nll))
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
     inputs = {k: v for k, v in batch.items() if k != "labels"}

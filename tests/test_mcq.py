@@ -6,7 +6,8 @@ import torch
 from datasets import concatenate_datasets
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 
-from calib_trl.mcq import option_token_ids, prompt_text_tokens, score_multiple_choice, tokenize_prompt
+from calib_trl.scoring import score_multiple_choice
+from calib_trl.tokenization import option_token_ids, prompt_text_tokens, tokenize_prompt
 
 
 @pytest.fixture(scope="module")

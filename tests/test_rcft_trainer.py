@@ -21,7 +21,8 @@ from trl import SFTConfig, SFTTrainer
 
 from calib_trl import RCFTConfig, RCFTTrainer
 from calib_trl.losses import confidence_bins, rcft_ece_loss
-from calib_trl.mcq import LETTERS, score_multiple_choice
+from calib_trl.mcq import LETTERS
+from calib_trl.scoring import score_multiple_choice
 
 
 def config(tmp_path, **kwargs):
