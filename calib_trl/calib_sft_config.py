@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .utils import check_in, check_range, resolve_bf16_default
+from .config_checks import check_in, check_range, resolve_bf16_default
 
 
 @dataclass

@@ -25,7 +25,7 @@ from .losses import (
 from .mcq import is_multiple_choice
 from .model_card import COGCALIB_CITATION, RCFT_CITATION, CalibrationModelCardMixin
 from .scoring import answer_rows
-from .trainer_utils import (
+from .trainer_mixin import (
     ANSWER_COLUMN,
     CalibrationTrainerMixin,
     ForwardCapture,
@@ -36,7 +36,8 @@ from .trainer_utils import (
     resolve_config,
     unwrap_base,
 )
-from .utils import logger
+
+logger = logging.getLogger(__name__)
 
 
 class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTrainer):

@@ -7,7 +7,8 @@ import os
 from transformers import TrainerCallback
 
 from .mcq import validate_mcq_dataset
-from .metrics import REPORT_METRICS, reliability_diagram_data
+from .metrics import reliability_diagram_data
+from .reports import REPORT_METRICS
 from .scoring import score_multiple_choice
 
 

@@ -15,84 +15,8 @@ import json
 import os
 import sys
 
-from .metrics import format_table
-from .utils import json_safe
-
-
-class MissingSplitError(ValueError):
-    """The dataset has no split of the name asked for."""
-
-    def __init__(self, dataset: str, split: str, splits: list[str], flag: str = "--split", hint: str = ""):
-        self.dataset, self.split, self.splits = dataset, split, splits
-        super().__init__(f"{dataset} has splits {splits}; got {flag} {split!r}.{hint}")
-
-
-def has_splits(dataset: str) -> bool:
-    """Whether `load_mcq_dataset` reads a named split of `dataset`: not of a JSON(L) file or a saved single `Dataset`."""
-    return dataset == "default" or os.path.isfile(os.path.join(dataset, "dataset_dict.json"))
-
-
-def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, seed: int = 0):
-    """
-    A multiple-choice split: `default` (the embedded MMLU, see `calib_trl.defaults.load_default_dataset`), a directory
-    written by `datasets.save_to_disk` (a `DatasetDict` or a `Dataset`), or a `.json`/`.jsonl` file. Rows need
-    `prompt`, `choices` and `answer`; rows with `question` instead of `prompt` are formatted with
-    `calib_trl.mcq.make_mcq_example`. `split` names a split of `default` or of a saved `DatasetDict`
-    (`MissingSplitError` if it has none of that name); a file or a saved `Dataset` has no splits (see `has_splits`).
-    """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    from .mcq import make_mcq_example
-
-    if dataset == "default":
-        from .defaults import load_default_dataset
-
-        splits = load_default_dataset(seed=seed)
-        if split not in splits:
-            raise MissingSplitError("The default dataset", split, list(splits))
-        data = splits[split]
-    elif os.path.isdir(dataset):
-        data = load_from_disk(dataset)
-        if isinstance(data, DatasetDict):
-            if split not in data:
-                raise MissingSplitError(dataset, split, list(data))
-            data = data[split]
-    elif os.path.isfile(dataset) and dataset.endswith((".json", ".jsonl")):
-        data = load_dataset("json", data_files=dataset, split="train")
-    else:
-        raise FileNotFoundError(
-            f"Dataset {dataset!r} is neither 'default', a directory saved with `save_to_disk`, nor a .json/.jsonl file."
-        )
-    if not isinstance(data, Dataset):
-        raise ValueError(f"{dataset} did not load as a `datasets.Dataset`.")
-    if "prompt" not in data.column_names and "question" in data.column_names:
-        missing = [c for c in ("choices", "answer") if c not in data.column_names]
-        if missing:
-            raise ValueError(f"{dataset}: rows with `question` also need {missing}.")
-        data = data.map(lambda row: make_mcq_example(row["question"], row["choices"], row["answer"]))
-    if max_samples is not None:
-        data = data.select(range(min(max_samples, len(data))))
-    return data
-
-
-def load_model(name_or_path: str, dtype: str = "float32", device: str | None = None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .defaults import resolve_model_name_or_path
-
-    path = resolve_model_name_or_path(name_or_path)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device), tokenizer
+from .loading import has_splits, load_mcq_dataset, load_model
+from .reports import format_table, json_safe
 
 
 def cmd_evaluate(args) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import math
 import tempfile
 import warnings
@@ -28,7 +29,9 @@ import torch
 
 from .mcq import is_multiple_choice, validate_mcq_dataset
 from .scoring import answer_rows, score_answers, score_multiple_choice
-from .utils import logger
+
+logger = logging.getLogger(__name__)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Threshold
@@ -184,7 +187,7 @@ def style_adapt(
     """
     from trl import SFTConfig, SFTTrainer
 
-    from .utils import bf16_supported
+    from .config_checks import bf16_supported
 
     if steps <= 0:
         return model

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import os
 import re
@@ -40,7 +41,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .metrics import calibration_report, reliability_diagram_data
-from .utils import json_safe, logger
+from .reports import json_safe
+
+logger = logging.getLogger(__name__)
+
 
 __all__ = ["CONVENTIONS", "LmEvalRun", "LmEvalTask", "from_lm_eval", "read_lm_eval", "record_lm_eval"]
 

@@ -28,8 +28,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard
 
-from .defaults import BASE_MODEL_CONFIG_KEY, DEFAULT_DATASET_HUB_ID
-from .metrics import REPORT_METRICS, format_table
+from .default_data import DEFAULT_DATASET_HUB_ID
+from .default_model import BASE_MODEL_CONFIG_KEY
+from .reports import REPORT_METRICS, format_table
 
 COGCALIB_CITATION = textwrap.dedent("""\
     @inproceedings{wang2025objective,

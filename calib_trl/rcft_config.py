@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from .calib_sft_config import CalibSFTConfig
-from .utils import check_in, check_range, logger
+from .config_checks import check_in, check_range
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass

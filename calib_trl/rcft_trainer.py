@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from datasets import Dataset
@@ -12,8 +14,9 @@ from .metrics import calibration_gaps, calibration_report
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
 from .scoring import score_multiple_choice
-from .trainer_utils import ANSWER_COLUMN, predicting, resolve_config, shifted
-from .utils import logger
+from .trainer_mixin import ANSWER_COLUMN, predicting, resolve_config, shifted
+
+logger = logging.getLogger(__name__)
 
 
 class RCFTTrainer(CalibSFTTrainer):

@@ -192,7 +192,7 @@ class _LastHidden:
     """Keeps the last hidden state of a causal LM's backbone during one forward pass (the LM check reads it)."""
 
     def __init__(self, model):
-        from .trainer_utils import unwrap_base
+        from .trainer_mixin import unwrap_base
 
         self.base = unwrap_base(model)
         self.value = None

@@ -20,8 +20,8 @@ from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
 from calib_trl import detect_known
-from calib_trl.script_utils import CalibScriptArguments, load_model, load_splits
-from calib_trl.utils import bf16_supported
+from calib_trl.config_checks import bf16_supported
+from calib_trl.scripts import CalibScriptArguments, load_splits, model_from_args
 
 
 @dataclass
@@ -31,7 +31,7 @@ class DetectArguments(CalibScriptArguments):
 
 def main(script_args, model_args):
     args = TrainingArguments(output_dir=script_args.output_dir, bf16=bf16_supported(), report_to=[])
-    model, tokenizer, _ = load_model(model_args, args)
+    model, tokenizer = model_from_args(model_args, args)
     splits = load_splits(script_args, keys=("train", "calibration"), optional=())
     flagged, report = detect_known(
         model,

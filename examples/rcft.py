@@ -22,18 +22,18 @@ model card with the calibration results.
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from calib_trl import RCFTConfig, RCFTTrainer
-from calib_trl.script_utils import (
+from calib_trl.scripts import (
     CalibScriptArguments,
     add_calibration_callback,
     evaluate_splits,
     finish,
-    load_model,
     load_splits,
+    model_from_args,
 )
 
 
 def main(script_args, training_args, model_args):
-    model, tokenizer, _ = load_model(model_args, training_args)
+    model, tokenizer = model_from_args(model_args, training_args)
     splits = load_splits(script_args)
     before = evaluate_splits(model, tokenizer, splits, script_args.eval_batch_size)
     trainer = RCFTTrainer(

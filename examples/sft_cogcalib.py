@@ -23,18 +23,18 @@ from __future__ import annotations
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, detect_known
-from calib_trl.script_utils import (
+from calib_trl.scripts import (
     CalibScriptArguments,
     add_calibration_callback,
     evaluate_splits,
     finish,
-    load_model,
     load_splits,
+    model_from_args,
 )
 
 
 def main(script_args, training_args, model_args):
-    model, tokenizer, path = load_model(model_args, training_args)
+    model, tokenizer = model_from_args(model_args, training_args)
     splits = load_splits(script_args)
     before = evaluate_splits(model, tokenizer, splits, script_args.eval_batch_size)
 

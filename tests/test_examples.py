@@ -11,9 +11,9 @@ import warnings
 import pytest
 from huggingface_hub import ModelCard
 
-from calib_trl.cli import MissingSplitError
-from calib_trl.metrics import report_keys
-from calib_trl.script_utils import CalibScriptArguments, load_splits
+from calib_trl.loading import MissingSplitError
+from calib_trl.reports import report_keys
+from calib_trl.scripts import CalibScriptArguments, load_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

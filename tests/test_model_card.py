@@ -19,7 +19,7 @@ from calib_trl import (
     calibration_report,
 )
 from calib_trl.defaults import BASE_MODEL_CONFIG_KEY
-from calib_trl.metrics import REPORT_METRICS
+from calib_trl.reports import REPORT_METRICS
 
 
 def common(tmp_path, **kwargs):

@@ -402,10 +402,10 @@ def test_estep_statistics_and_schedule(tmp_path):
 def test_answer_positions_follow_trls_tokenization_with_chat_template_kwargs(tmp_path):
     # A template that renders a per-row note: SFTTrainer passes the row's `chat_template_kwargs`, so the answer must be
     # located in SFTTrainer's tokens, not in a re-tokenization that leaves the note out
+    from calib_trl.trainer_mixin import ANSWER_COLUMN
     from helpers import CHAT_TEMPLATE
 
     from calib_trl.mcq import LETTERS
-    from calib_trl.trainer_utils import ANSWER_COLUMN
 
     tok = make_tokenizer()
     tok.chat_template = "{% if note is defined %}{{ '[' + note + ']\n' }}{% endif %}" + CHAT_TEMPLATE

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from contextlib import contextmanager
 
@@ -30,7 +31,9 @@ from .calib_sft_config import CalibSFTConfig
 from .collator import DataCollatorWithKnowledgeFlags, _as_number
 from .mcq import LETTERS, answer_index
 from .tokenization import OptionTokenLookup, template_kwargs
-from .utils import logger
+
+logger = logging.getLogger(__name__)
+
 
 STATE_FILE = "calib_trl_state.json"
 

