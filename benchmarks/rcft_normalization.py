@@ -56,8 +56,6 @@ def main():
     if args.render:
         return rerender(args.device)
 
-    from calib_trl.trainer_mixin import predicting, shifted
-
     from calib_trl import RCFTConfig, RCFTTrainer
     from calib_trl.calib_sft_trainer import CalibSFTTrainer
     from calib_trl.defaults import (
@@ -68,6 +66,7 @@ def main():
     )
     from calib_trl.losses import rcft_ece_loss
     from calib_trl.rcft_trainer import ANSWER_COLUMN
+    from calib_trl.trainer_mixin import predicting, shifted
 
     assert TRAIN_ROWS["default train split"] == DEFAULT_SPLIT_SIZES["train"]
     start = time.time()

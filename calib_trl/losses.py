@@ -481,16 +481,6 @@ def option_calibration_term(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def confidence_bins(confidences: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """
-    Equal-width bin index of each confidence in `[0, 1]`: bin `b` holds `[b/n, (b+1)/n)`, as in `calib_trl.metrics`
-    (and torchmetrics), except that a confidence of exactly 1.0 joins the top bin rather than forming a bin of its
-    own. The top bin is a bin like the others (the authors' code never reaches it).
-    """
-    edges = torch.arange(1, n_bins, device=confidences.device, dtype=torch.float64) / n_bins
-    return torch.bucketize(confidences.detach().double(), edges, right=True).clamp(0, n_bins - 1)
-
-
 def rcft_target(probs: torch.Tensor, bin_accuracy: torch.Tensor, gradient: bool = False) -> torch.Tensor:
     """
     RCFT's M-step target for each row of option probabilities.
@@ -555,7 +545,7 @@ def rcft_ece_loss(
 
     Args:
         probs: `[N, K]` differentiable option probabilities (rows with fewer options zero-padded).
-        bins: `[N]` confidence bin of each row (`confidence_bins`).
+        bins: `[N]` confidence bin of each row (`calib_trl.metrics.equal_width_bins(..., one_apart=False)`).
         row_accuracy: `[N]` the E-step's accuracy of each row's bin.
         n_bins: number of bins.
         num_choices: `[N]` options of each row (default: all `K`).

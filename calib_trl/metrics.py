@@ -43,9 +43,11 @@ import torch
 __all__ = [
     "NLL_EPS",
     "brier_score",
+    "calibration_gaps",
     "calibration_report",
     "classwise_ece",
     "confidence_auroc",
+    "equal_width_bins",
     "expected_calibration_error",
     "maximum_calibration_error",
     "negative_log_likelihood",
@@ -172,14 +174,23 @@ def _check_probs_labels(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Te
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _bin_edges(n_bins: int) -> torch.Tensor:
+def _bin_edges(n_bins: int, device=None) -> torch.Tensor:
     """`[0, 1/n, ..., 1]`, each the correctly rounded float64 value of `j / n`."""
-    return torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    return torch.arange(n_bins + 1, dtype=torch.float64, device=device) / n_bins
 
 
-def _uniform_bin_index(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Bin of each confidence: `0..n_bins-1` for `[e_b, e_(b+1))`, `n_bins` for a confidence of exactly 1."""
-    return torch.bucketize(conf, _bin_edges(n_bins), right=True) - 1
+def equal_width_bins(confidences: torch.Tensor, n_bins: int, one_apart: bool = True) -> torch.Tensor:
+    """
+    The equal-width bin of each confidence in `[0, 1]`, as every binned quantity of calib-trl reads it (ECE, MCE,
+    class-wise ECE, reliability diagrams, RCFT's E-step and ECE term): `b` in `0..n_bins-1` for `[b/n, (b+1)/n)`,
+    the convention of the module docstring and of torchmetrics. A confidence of exactly 1 gets index `n_bins`, a bin
+    of its own, with `one_apart=True` (ECE and MCE, as torchmetrics), or joins the top bin with `one_apart=False`
+    (the diagrams and RCFT, which have `n_bins` bins). Computed in float64 on the confidences' device, without
+    gradient.
+    """
+    conf = confidences.detach().to(torch.float64)
+    index = torch.bucketize(conf, _bin_edges(n_bins, conf.device), right=True) - 1
+    return index if one_apart else index.clamp(max=n_bins - 1)
 
 
 def _quantile_bin_index(conf: torch.Tensor, acc: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -210,7 +221,7 @@ def _bin_sums(
 
 def _ece(conf: torch.Tensor, acc: torch.Tensor, n_bins: int, strategy: str = "uniform") -> float:
     if strategy == "uniform":
-        index, n_slots = _uniform_bin_index(conf, n_bins), n_bins + 1
+        index, n_slots = equal_width_bins(conf, n_bins), n_bins + 1
     else:
         index, n_slots = _quantile_bin_index(conf, acc, n_bins), n_bins
     counts, conf_sum, acc_sum = _bin_sums(index, conf, acc, n_slots)
@@ -219,7 +230,7 @@ def _ece(conf: torch.Tensor, acc: torch.Tensor, n_bins: int, strategy: str = "un
 
 
 def _mce(conf: torch.Tensor, acc: torch.Tensor, n_bins: int) -> float:
-    counts, conf_sum, acc_sum = _bin_sums(_uniform_bin_index(conf, n_bins), conf, acc, n_bins + 1)
+    counts, conf_sum, acc_sum = _bin_sums(equal_width_bins(conf, n_bins), conf, acc, n_bins + 1)
     filled = counts > 0
     return float(((acc_sum[filled] - conf_sum[filled]) / counts[filled]).abs().max())
 
@@ -230,7 +241,7 @@ def _classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> fl
     slots = n_bins + 1
     # Bin index of every (example, class) pair, offset by class so one scatter covers all classes.
     probs = probs.clamp(max=1.0)
-    index = _uniform_bin_index(probs, n_bins) + slots * torch.arange(n_classes)
+    index = equal_width_bins(probs, n_bins) + slots * torch.arange(n_classes)
     _, conf_sum, acc_sum = _bin_sums(index.flatten(), probs.flatten(), hits.flatten(), slots * n_classes)
     per_class = (acc_sum - conf_sum).abs().view(n_classes, slots).sum(dim=1) / n
     return float(per_class.mean())
@@ -563,7 +574,7 @@ def reliability_diagram_data(confidences: Any, correct: Any, n_bins: int = 10) -
     """
     n_bins = _check_n_bins(n_bins)
     conf, acc = _check_confidences(confidences, correct)
-    index = _uniform_bin_index(conf, n_bins).clamp(max=n_bins - 1)
+    index = equal_width_bins(conf, n_bins, one_apart=False)
     counts, conf_sum, acc_sum = _bin_sums(index, conf, acc, n_bins)
     filled = counts > 0
     return {

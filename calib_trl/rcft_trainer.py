@@ -8,9 +8,9 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from .calib_sft_trainer import CalibSFTTrainer
-from .losses import confidence_bins, rcft_ece_loss
+from .losses import rcft_ece_loss
 from .mcq import validate_mcq_dataset
-from .metrics import calibration_gaps, calibration_report
+from .metrics import calibration_gaps, calibration_report, equal_width_bins
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
 from .scoring import score_multiple_choice
@@ -239,7 +239,7 @@ class RCFTTrainer(CalibSFTTrainer):
     def _row_bins(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's confidence bin and that bin's E-step accuracy, the target of its top entry."""
         conf = probs.detach().max(-1).values
-        bins = confidence_bins(conf, self.args.n_bins)
+        bins = equal_width_bins(conf, self.args.n_bins, one_apart=False)
         accuracy = self._bin_stats["accuracy"].to(conf.device)[bins]
         # A bin the E-step left empty has no estimate (the authors use 0): its rows keep their own confidence
         return bins, torch.where(torch.isnan(accuracy), conf, accuracy)
@@ -306,7 +306,7 @@ class RCFTTrainer(CalibSFTTrainer):
         n_bins = self.args.n_bins
         conf = torch.tensor(scores.confidences, dtype=torch.float64)
         correct = torch.tensor(scores.correct, dtype=torch.float64)
-        bins = confidence_bins(conf, n_bins)
+        bins = equal_width_bins(conf, n_bins, one_apart=False)
         counts = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
         hits = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
         conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
-from calib_trl.trainer_mixin import ANSWER_COLUMN
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from trl import SFTConfig, SFTTrainer
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer
+from calib_trl.trainer_mixin import ANSWER_COLUMN
 
 MODES = {
     "padded": dict(max_length=1024),

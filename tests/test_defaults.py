@@ -352,7 +352,9 @@ def test_cache_of_an_older_conversion_format_is_rebuilt(fake_conversion):
     assert marker["format"] == default_model.CONVERSION_FORMAT >= 2
     (path / MARKER_FILE).write_text(json.dumps({**marker, "format": default_model.CONVERSION_FORMAT - 1}))
     defaults.default_model_path()
-    assert len(calls) == 2 and json.loads((path / MARKER_FILE).read_text())["format"] == default_model.CONVERSION_FORMAT
+    assert (
+        len(calls) == 2 and json.loads((path / MARKER_FILE).read_text())["format"] == default_model.CONVERSION_FORMAT
+    )
 
 
 def test_failed_conversion_keeps_previous_copy(fake_conversion, monkeypatch):

@@ -8,7 +8,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from calib_trl import losses
-from calib_trl.losses import ChunkedLogitPenalty, confidence_bins, label_smoothing_term, rcft_ece_loss, rcft_target
+from calib_trl.losses import ChunkedLogitPenalty, label_smoothing_term, rcft_ece_loss, rcft_target
+from calib_trl.metrics import equal_width_bins
 
 
 def authors_target(p, acc):
@@ -104,7 +105,7 @@ def reference_ece_loss(p, bins, bin_accuracy, n_bins):
 def test_rcft_ece_loss_matches_reference():
     torch.manual_seed(0)
     probs = torch.randn(40, 4).mul(2).softmax(-1)
-    bins = confidence_bins(probs.max(-1).values, 10)
+    bins = equal_width_bins(probs.max(-1).values, 10, one_apart=False)
     bin_accuracy = torch.rand(10)
     loss = rcft_ece_loss(probs, bins, bin_accuracy[bins], 10)
     assert abs(loss.item() - reference_ece_loss(probs, bins.tolist(), bin_accuracy.tolist(), 10)) < 1e-5
@@ -114,7 +115,7 @@ def test_rcft_ece_loss_divides_by_given_bin_counts():
     # the authors' normalisation: each bin's sum over the batch divided by its count over the E-step
     torch.manual_seed(3)
     probs = torch.randn(12, 4).mul(2).softmax(-1)
-    bins = confidence_bins(probs.max(-1).values, 10)
+    bins = equal_width_bins(probs.max(-1).values, 10, one_apart=False)
     bin_accuracy = torch.rand(10)
     counts = torch.arange(1.0, 11.0) * 7
     loss = rcft_ece_loss(probs, bins, bin_accuracy[bins], 10, bin_counts=counts)
@@ -133,7 +134,7 @@ def test_rcft_target_gradient_flows_only_when_asked(k):
     # differentiable function of the probabilities it is compared with.
     torch.manual_seed(k)
     logits = torch.randn(6, k, dtype=torch.float64).mul(1.5).requires_grad_()
-    bins = confidence_bins(logits.softmax(-1).max(-1).values, 10)
+    bins = equal_width_bins(logits.softmax(-1).max(-1).values, 10, one_apart=False)
     acc = (torch.rand(10, dtype=torch.float64) * 0.9)[bins]
     grads = {}
     for flow in (False, True):
@@ -158,7 +159,7 @@ def test_rcft_target_gradient_flows_only_when_asked(k):
 def test_top_bin_gets_the_term():
     # The authors' loss loop stops one bin short: rows with confidence >= 0.9 never get the term. calib-trl's does.
     probs = torch.tensor([[0.95, 0.03, 0.015, 0.005]], requires_grad=True)
-    bins = confidence_bins(probs.max(-1).values, 10)
+    bins = equal_width_bins(probs.max(-1).values, 10, one_apart=False)
     assert bins.tolist() == [9]
     loss = rcft_ece_loss(probs, bins, torch.tensor([0.6]), 10)
     t = authors_target([0.95, 0.03, 0.015, 0.005], 0.6)
@@ -168,9 +169,9 @@ def test_top_bin_gets_the_term():
     assert probs.grad[0, 0] > 0  # pulls the top probability down towards the bin's accuracy
 
 
-def test_confidence_bins_edges_and_top_bin():
+def test_rcft_bins_edges_and_top_bin():
     conf = torch.tensor([0.0, 0.05, 0.1, 0.1000001, 0.95, 1.0])
-    assert confidence_bins(conf, 10).tolist() == [0, 0, 1, 1, 9, 9]
+    assert equal_width_bins(conf, 10, one_apart=False).tolist() == [0, 0, 1, 1, 9, 9]
 
 
 def test_ls_identity_and_chunked_penalty_match_full_logits(monkeypatch):

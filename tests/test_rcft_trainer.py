@@ -20,8 +20,9 @@ from test_losses import authors_target, authors_target_torch
 from trl import SFTConfig, SFTTrainer
 
 from calib_trl import RCFTConfig, RCFTTrainer
-from calib_trl.losses import confidence_bins, rcft_ece_loss
+from calib_trl.losses import rcft_ece_loss
 from calib_trl.mcq import LETTERS
+from calib_trl.metrics import equal_width_bins
 from calib_trl.scoring import score_multiple_choice
 
 
@@ -126,7 +127,7 @@ def reference_forward(model, batch, option_ids, num_items):
 def reference(model, batch, option_ids, bin_accuracy, args, num_items):
     """calib-trl's objective: each bin's term averaged over the batch's rows in the bin, the target detached."""
     sft, probs, ks, _ = reference_forward(model, batch, option_ids, num_items)
-    bins = confidence_bins(probs.max(-1).values, args.n_bins)
+    bins = equal_width_bins(probs.max(-1).values, args.n_bins, one_apart=False)
     # the reference loss of each K group, then summed per bin as in the paper
     ece = 0.0
     for b in range(args.n_bins):
@@ -154,7 +155,7 @@ def authors_reference(model, batch, option_ids, bin_accuracy, bin_counts, num_it
     loop stops one short: a departure calib-trl keeps, see `test_top_bin_gets_the_term`).
     """
     sft, probs, ks, _ = reference_forward(model, batch, option_ids, num_items)
-    bins = confidence_bins(probs.max(-1).values, len(bin_accuracy))
+    bins = equal_width_bins(probs.max(-1).values, len(bin_accuracy), one_apart=False)
     ece = 0.0
     for i in range(len(probs)):
         p, acc = probs[i, : int(ks[i])], float(bin_accuracy[bins[i]])
@@ -384,7 +385,7 @@ def test_estep_statistics_and_schedule(tmp_path):
     )
     stats = trainer.estimate_bins()
     scores = score_multiple_choice(trainer.model, tok, data, progress=False)
-    bins = confidence_bins(torch.tensor(scores.confidences), 10)
+    bins = equal_width_bins(torch.tensor(scores.confidences), 10, one_apart=False)
     for b in range(10):
         members = (bins == b).numpy()
         assert stats["counts"][b] == members.sum()
@@ -402,10 +403,10 @@ def test_estep_statistics_and_schedule(tmp_path):
 def test_answer_positions_follow_trls_tokenization_with_chat_template_kwargs(tmp_path):
     # A template that renders a per-row note: SFTTrainer passes the row's `chat_template_kwargs`, so the answer must be
     # located in SFTTrainer's tokens, not in a re-tokenization that leaves the note out
-    from calib_trl.trainer_mixin import ANSWER_COLUMN
     from helpers import CHAT_TEMPLATE
 
     from calib_trl.mcq import LETTERS
+    from calib_trl.trainer_mixin import ANSWER_COLUMN
 
     tok = make_tokenizer()
     tok.chat_template = "{% if note is defined %}{{ '[' + note + ']\n' }}{% endif %}" + CHAT_TEMPLATE
