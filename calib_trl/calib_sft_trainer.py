@@ -3,13 +3,22 @@ from __future__ import annotations
 import logging
 import textwrap
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from itertools import islice
 
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import TrainingArguments
+from peft import PeftConfig, PeftModel
+from transformers import (
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+    TrainingArguments,
+)
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 
@@ -97,14 +106,24 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
     def __init__(
         self,
-        model,
+        model: str | PreTrainedModel | PeftModel,
         args: CalibSFTConfig | TrainingArguments | None = None,
-        *pos_args,
-        calibration_dataset=None,
-        **kwargs,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config=None,
+        peft_config: PeftConfig | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
+        calibration_dataset: Dataset | None = None,
     ):
         args = resolve_config(args, CalibSFTConfig, model, "CalibSFT")
-        train_dataset = kwargs.get("train_dataset", pos_args[1] if len(pos_args) > 1 else None)
         check_not_empty(train_dataset, "train")
 
         # Decided before `SFTTrainer.__init__`, which prepares the datasets through `_prepare_dataset`
@@ -121,13 +140,30 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         self._carried_columns, self._flag_columns = self._columns_to_carry(args)
         self._skipped_steps = 0
 
-        super().__init__(model, args, *pos_args, **kwargs)
+        super().__init__(
+            model,
+            args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
 
         # calib-trl's own checks, after SFTTrainer's
         if self._skip_prepare_dataset:  # `_prepare_dataset`, which runs `_check_dataset`, was skipped
-            for name, dataset in self._given_datasets(train_dataset, kwargs, pos_args).items():
+            evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
+            for name, dataset in {"train": train_dataset, **evals}.items():
                 self._check_dataset(dataset, args, name)
-        if args.calibrates and (args.label_smoothing_factor > 0 or kwargs.get("compute_loss_func") is not None):
+        if args.calibrates and (args.label_smoothing_factor > 0 or compute_loss_func is not None):
             raise ValueError(
                 "`label_smoothing_factor` and `compute_loss_func` replace the fused LM head's loss and cannot be "
                 "combined with a calibration loss; use `calibration_loss='ls'` with `apply_to='all'` for label "
@@ -158,13 +194,6 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         if self._space == "options":  # eval datasets without `choices` carry no answer marks
             self._install_flag_collator((ANSWER_COLUMN,), required=False)
         self._check_parallelism(self.detector is not None)
-
-    @staticmethod
-    def _given_datasets(train_dataset, kwargs, pos_args) -> dict:
-        """The train and evaluation datasets passed to the trainer, by the names `SFTTrainer` gives them."""
-        eval_dataset = kwargs.get("eval_dataset", pos_args[2] if len(pos_args) > 2 else None)
-        evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
-        return {"train": train_dataset, **evals}
 
     def _adds_terms(self) -> bool:
         """Whether the loss adds anything to `SFTTrainer`'s (otherwise no calib-trl check may refuse anything)."""
@@ -565,13 +594,6 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
     # -- loss ----------------------------------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Once, on every path (calibration on or off, RCFT or not): NaN/inf is raised or skipped, never trained on
-        if return_outputs:
-            return self._guard_nonfinite(result[0], model), result[1]
-        return self._guard_nonfinite(result, model)
-
     def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`SFTTrainer`'s loss plus the calibration term on the selected tokens (see the class docstring)."""
         mode = "train" if self.model.training else "eval"
@@ -584,13 +606,13 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 "tensor (see `calib_trl.DataCollatorWithKnowledgeFlags`)."
             )
         if not args.calibrates:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._sft_loss(model, inputs, return_outputs, num_items_in_batch)
 
         if self.detector is not None and self.detector.due(self.state.global_step):
             self._refit_detector(model)
 
         with self._capture.capture():
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = self._sft_loss(model, inputs, return_outputs, num_items_in_batch)
             out, hidden = self._capture.output, self._capture.hidden
         loss = result[0] if return_outputs else result
 

@@ -70,13 +70,23 @@ class RCFTTrainer(CalibSFTTrainer):
         self,
         model,
         args: RCFTConfig | TrainingArguments | None = None,
-        *pos_args,
-        estep_dataset=None,
-        calibration_dataset=None,
-        **kwargs,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict | None = None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+        calibration_dataset: Dataset | None = None,
+        estep_dataset: Dataset | None = None,
     ):
         args = resolve_config(args, RCFTConfig, model, "RCFT")
-        train_dataset = kwargs.get("train_dataset", pos_args[1] if len(pos_args) > 1 else None)
         self._rcft_active = args.ece_weight > 0
         if args.calibrates:  # RCFT combined with CogCalib's calibration loss
             self._tag_names = [*type(self)._tag_names, "cogcalib"]
@@ -87,8 +97,24 @@ class RCFTTrainer(CalibSFTTrainer):
         self._estep_marker = None  # the epoch / step of the last E-step
         # CalibSFTTrainer reads `calibration_dataset` to detect known examples only, and says it ignores it otherwise
         detects = args.calibrates and args.apply_to == "known" and args.detection in ("auto", "online")
-        kwargs["calibration_dataset"] = calibration_dataset if detects else None
-        super().__init__(model, args, *pos_args, **kwargs)
+        super().__init__(
+            model,
+            args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+            calibration_dataset=calibration_dataset if detects else None,
+        )
         if self._rcft_active and self._virtual_tokens:
             raise ValueError(
                 "RCFT's ECE term reads the option-letter logits at each answer position, which prompt-learning "

@@ -417,6 +417,20 @@ class CalibrationTrainerMixin:
             return self.accelerator.num_processes // self.get_tp_size()
         return 1
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """
+        The trainer's `_compute_loss`, guarded once, on every path (calibration on or off, RCFT or not): a NaN/inf
+        loss is raised or skipped (`nonfinite_loss`), never trained on.
+        """
+        result = self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs:
+            return self._guard_nonfinite(result[0], model), result[1]
+        return self._guard_nonfinite(result, model)
+
+    def _sft_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`SFTTrainer`'s own loss (the next `compute_loss` after this mixin's), which the trainers add their terms to."""
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def _guard_nonfinite(self, loss: torch.Tensor, model) -> torch.Tensor:
         """
         Raise, or skip the micro-batch, when the loss is NaN/inf on any process. The check is reduced across processes,
