@@ -227,7 +227,7 @@ def measure(model, tok, data, mode, batch_size) -> dict:
 
 
 def train_method(name, model, tok, train, flagged, data, regime, mode, seed):
-    from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
+    from calib_trl import CalibRCFTConfig, CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 
     kind, overrides, extra = ALL_METHODS[name]
     r = REGIMES[regime]
@@ -253,7 +253,8 @@ def train_method(name, model, tok, train, flagged, data, regime, mode, seed):
     rows = flagged if uses_flags and overrides.get("detection") != "online" else train
     kwargs = {k: data[v] for k, v in extra.items()}
     if kind == "rcft":
-        cfg = RCFTConfig(**common, estep_samples=mode["estep_samples"], **overrides)
+        config_class = CalibRCFTConfig if "calibration_loss" in overrides else RCFTConfig
+        cfg = config_class(**common, estep_samples=mode["estep_samples"], **overrides)
         trainer = RCFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok, **kwargs)
     else:
         cfg = CalibSFTConfig(**common, **overrides)

@@ -2,24 +2,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
-from trl import SFTConfig
-
-from .config_checks import check_in, check_range, resolve_bf16_default
+from .calibration_config import CalibrationConfig
+from .config_checks import check_in, check_range
 
 
 @dataclass
-class CalibSFTConfig(SFTConfig):
+class CalibSFTConfig(CalibrationConfig):
     r"""
     Configuration class for the [`CalibSFTTrainer`] (CogCalib: known/unknown-aware calibration losses).
 
-    Extends [`~trl.SFTConfig`]; only the CogCalib parameters are listed here. Per completion token, with
+    Extends [`~trl.SFTConfig`] (through [`CalibrationConfig`]); only the CogCalib parameters are listed here. Per completion token, with
     `NLL = -log p_y`, a token of an *unknown* example gets `NLL` and a token of a *known* example gets
     `NLL + calibration_weight * (L_method - NLL)`, normalised like `SFTTrainer`'s loss.
-
-    > One difference from `SFTConfig`: `bf16` defaults to `True` only where the accelerator supports bfloat16 (a CUDA
-    > GPU with bf16, or an explicit `use_cpu=False` device that does); on a CPU it defaults to float32, since a CPU
-    > without native bf16 runs mixed precision an order of magnitude slower.
 
     Parameters:
         > Parameters that control the calibration loss
@@ -100,11 +94,7 @@ class CalibSFTConfig(SFTConfig):
             letter of a multiple-choice completion), `"mean"` (mean over completion tokens), or `"auto"` (`"first"`
             when the dataset has `choices`, else `"mean"`).
 
-        > Parameters that control robustness
-
-        nonfinite_loss (`str`, *optional*, defaults to `"raise"`):
-            What to do when a step's loss is NaN or infinite: `"raise"` stops training with an error, `"skip"` zeroes
-            that step's loss (no update from it) and counts it in the `calib/skipped_steps` metric.
+        Every calib-trl config also has `nonfinite_loss` and calib-trl's `bf16` default (see [`CalibrationConfig`]).
     """
 
     calibration_loss: str = field(
@@ -172,16 +162,8 @@ class CalibSFTConfig(SFTConfig):
             "choices": ["raise", "warn"],
         },
     )
-    nonfinite_loss: str = field(
-        default="raise",
-        metadata={
-            "help": "On a NaN/inf loss: `raise`, or `skip` the step and count it.",
-            "choices": ["raise", "skip"],
-        },
-    )
 
     def __post_init__(self):
-        resolve_bf16_default(self)
         super().__post_init__()
         check_in("calibration_loss", self.calibration_loss, ("ls", "mbls", "ecp", "none"))
         check_in("apply_to", self.apply_to, ("known", "all", "none"))
@@ -189,7 +171,6 @@ class CalibSFTConfig(SFTConfig):
         check_in("detection", self.detection, ("auto", "precomputed", "online"))
         check_in("unfitted_threshold", self.unfitted_threshold, ("raise", "warn"))
         check_in("answer_nll", self.answer_nll, ("auto", "first", "mean"))
-        check_in("nonfinite_loss", self.nonfinite_loss, ("raise", "skip"))
         check_range("calibration_weight", self.calibration_weight, 0.0, 1.0)
         check_range("ls_epsilon", self.ls_epsilon, 0.0, 1.0, high_inclusive=False)
         check_range("mbls_margin", self.mbls_margin, 0.0, None)
@@ -203,19 +184,3 @@ class CalibSFTConfig(SFTConfig):
             raise ValueError(
                 f"`online_calibration_samples` must be >= 2 (or unset), got {self.online_calibration_samples}."
             )
-
-    @classmethod
-    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> CalibSFTConfig:
-        """
-        This configuration from a `transformers.TrainingArguments` or a `trl.SFTConfig`, converted as `SFTTrainer`
-        converts a `TrainingArguments`: every field they share is kept, calib-trl's own take their defaults (or
-        `overrides`).
-        """
-        values = args.to_dict()
-        values.update({k: getattr(args, k) for k in values if k.endswith("_token")})  # `to_dict` hides tokens
-        return cls(**{**values, **overrides})
-
-    @property
-    def calibrates(self) -> bool:
-        """Whether any token can get a calibration term."""
-        return self.calibration_loss != "none" and self.apply_to != "none" and self.calibration_weight > 0

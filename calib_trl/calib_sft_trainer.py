@@ -96,6 +96,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
     ```
     """
 
+    _config_class = CalibSFTConfig
     _tag_names = ["trl", "sft", "calib-trl", "cogcalib"]
     _name = "CalibSFT (CogCalib)"
     _paper = {
@@ -123,12 +124,12 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         formatting_func: Callable[[dict], str] | None = None,
         calibration_dataset: Dataset | None = None,
     ):
-        args = resolve_config(args, CalibSFTConfig, model, "CalibSFT")
+        args = resolve_config(args, self._config_class, model, self._name.split()[0])
         check_not_empty(train_dataset, "train")
 
         # Decided before `SFTTrainer.__init__`, which prepares the datasets through `_prepare_dataset`
-        self._needs_flags = args.calibrates and args.apply_to == "known"
-        self._calibrate_all = args.calibrates and args.apply_to == "all"
+        self._needs_flags = args.has_calibration_term and args.apply_to == "known"
+        self._calibrate_all = args.has_calibration_term and args.apply_to == "all"
         self._precomputed = self._needs_flags and args.detection in ("precomputed", "auto")
         self._space = self._resolve_space(args, train_dataset)
         self._train_rows, self._calibration_dataset = train_dataset, calibration_dataset
@@ -163,7 +164,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
             for name, dataset in {"train": train_dataset, **evals}.items():
                 self._check_dataset(dataset, args, name)
-        if args.calibrates and (args.label_smoothing_factor > 0 or compute_loss_func is not None):
+        if args.has_calibration_term and (args.label_smoothing_factor > 0 or compute_loss_func is not None):
             raise ValueError(
                 "`label_smoothing_factor` and `compute_loss_func` replace the fused LM head's loss and cannot be "
                 "combined with a calibration loss; use `calibration_loss='ls'` with `apply_to='all'` for label "
@@ -197,7 +198,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
     def _adds_terms(self) -> bool:
         """Whether the loss adds anything to `SFTTrainer`'s (otherwise no calib-trl check may refuse anything)."""
-        return self.args.calibrates
+        return self.args.has_calibration_term
 
     def _check_vision(self) -> None:
         if self._is_vision_dataset and self._adds_terms():
@@ -232,7 +233,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
     @staticmethod
     def _resolve_space(args, train_dataset) -> str:
         """The calibration space in use: `"auto"` resolved, and checked against the training data."""
-        if not args.calibrates:
+        if not args.has_calibration_term:
             return "vocabulary"
         mcq = train_dataset is not None and is_multiple_choice(train_dataset)
         space = args.calibration_space
@@ -253,7 +254,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
     def _reads_lm_head(self) -> bool:
         """Whether the loss reads the LM head's weight outside the model's forward (see `_check_parallelism`)."""
-        if not self.args.calibrates:
+        if not self.args.has_calibration_term:
             return False
         return self._space == "options" or self.args.calibration_loss in ("ls", "mbls")
 
@@ -283,7 +284,9 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 "(TRL's `maybe_gather_lm_head_ctx`), but this path has not been verified on ZeRO-3; check the first "
                 "steps against a ZeRO-2 run. CogCalib's `calibration_loss='ecp'` runs entirely inside TRL's fused "
                 "head.",
-                type(self).__name__ if not args.calibrates else f"calibration_loss={args.calibration_loss!r}",
+                type(self).__name__
+                if not args.has_calibration_term
+                else f"calibration_loss={args.calibration_loss!r}",
             )
 
     def _columns_to_carry(self, args) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -605,7 +608,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 f"The batch has no `{args.known_column}` tensor. With a custom data collator, return it as a per-token "
                 "tensor (see `calib_trl.DataCollatorWithKnowledgeFlags`)."
             )
-        if not args.calibrates:
+        if not args.has_calibration_term:
             return self._sft_loss(model, inputs, return_outputs, num_items_in_batch)
 
         if self.detector is not None and self.detector.due(self.state.global_step):

@@ -1,22 +1,23 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .calib_sft_config import CalibSFTConfig
+from .calibration_config import CalibrationConfig
 from .config_checks import check_in, check_range
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RCFTConfig(CalibSFTConfig):
+class RCFTConfig(CalibrationConfig):
     r"""
     Configuration class for the [`RCFTTrainer`] (CFT and RCFT, calibration-aware fine-tuning).
 
-    Extends [`CalibSFTConfig`] (itself an [`~trl.SFTConfig`]); the CogCalib terms are off by default
-    (`calibration_loss="none"`), and can be switched on to combine both methods. The loss is
-    `(1 - ece_weight) * L_SFT + ece_weight * ece_scale * L_ECE`; `ece_weight=0` is CFT (plain SFT on the answer).
+    Extends [`~trl.SFTConfig`] (through [`CalibrationConfig`]) with RCFT's parameters only. The loss is
+    `(1 - ece_weight) * L_SFT + ece_weight * ece_scale * L_ECE`; `ece_weight=0` is CFT (plain SFT on the answer). To
+    add CogCalib's calibration term as well, use [`CalibRCFTConfig`], which has the parameters of both.
 
     Parameters:
         > Parameters that control the ECE regulariser
@@ -96,13 +97,6 @@ class RCFTConfig(CalibSFTConfig):
       bin.
     """
 
-    calibration_loss: str = field(
-        default="none",
-        metadata={
-            "help": "CogCalib term on known examples, combinable with RCFT.",
-            "choices": ["ls", "mbls", "ecp", "none"],
-        },
-    )
     ece_weight: float = field(
         default=0.5, metadata={"help": "α: weight of the ECE term against the SFT loss, in [0, 1]; 0 gives CFT."}
     )
@@ -194,3 +188,30 @@ class RCFTConfig(CalibSFTConfig):
             )
         if self.estep_samples is not None and self.estep_samples < self.n_bins:
             raise ValueError(f"`estep_samples` must be at least `n_bins` ({self.n_bins}), got {self.estep_samples}.")
+
+
+# `RCFTTrainer` is a `CalibSFTTrainer` and reads CogCalib's settings: an `RCFTConfig` has them switched off, as plain
+# class attributes (not fields, so that `RCFTConfig` and its command-line flags show RCFT's parameters only)
+_COMMON = {f.name for f in fields(CalibrationConfig)}
+for _field in fields(CalibSFTConfig):
+    if _field.name not in _COMMON:
+        setattr(RCFTConfig, _field.name, _field.default)
+RCFTConfig.calibration_loss = "none"
+del _COMMON, _field
+
+
+@dataclass
+class CalibRCFTConfig(RCFTConfig, CalibSFTConfig):
+    r"""
+    Configuration class for the [`RCFTTrainer`] with CogCalib's calibration term added: the parameters of both
+    [`RCFTConfig`] and [`CalibSFTConfig`]. The loss is
+    `(1 - ece_weight) * (L_SFT + CogCalib's term) + ece_weight * ece_scale * L_ECE`, where CogCalib's term is
+    `calibration_weight * (L_method - NLL)` on the known examples' tokens (or their option letters, with
+    `calibration_space="options"`), as in `CalibSFTTrainer`.
+
+    Example:
+    ```python
+    >>> args = CalibRCFTConfig("out", ece_weight=0.5, calibration_loss="ecp", ecp_beta=1.0)
+    >>> trainer = RCFTTrainer(model=model, args=args, train_dataset=train, calibration_dataset=calib)
+    ```
+    """

@@ -58,6 +58,7 @@ class RCFTTrainer(CalibSFTTrainer):
             on them.
     """
 
+    _config_class = RCFTConfig
     _tag_names = ["trl", "sft", "calib-trl", "rcft"]
     _name = "RCFT"
     _paper = {
@@ -86,9 +87,9 @@ class RCFTTrainer(CalibSFTTrainer):
         calibration_dataset: Dataset | None = None,
         estep_dataset: Dataset | None = None,
     ):
-        args = resolve_config(args, RCFTConfig, model, "RCFT")
+        args = resolve_config(args, self._config_class, model, self._name)
         self._rcft_active = args.ece_weight > 0
-        if args.calibrates:  # RCFT combined with CogCalib's calibration loss
+        if args.has_calibration_term:  # RCFT combined with CogCalib's calibration loss
             self._tag_names = [*type(self)._tag_names, "cogcalib"]
         self._option_ids = None
         self._excluded_rows = 0
@@ -96,7 +97,7 @@ class RCFTTrainer(CalibSFTTrainer):
         self._bin_stats = None
         self._estep_marker = None  # the epoch / step of the last E-step
         # CalibSFTTrainer reads `calibration_dataset` to detect known examples only, and says it ignores it otherwise
-        detects = args.calibrates and args.apply_to == "known" and args.detection in ("auto", "online")
+        detects = args.has_calibration_term and args.apply_to == "known" and args.detection in ("auto", "online")
         super().__init__(
             model,
             args,
@@ -398,7 +399,7 @@ class RCFTTrainer(CalibSFTTrainer):
             "sft_loss": a.sft_loss,
             "bin_refresh": a.bin_refresh,
         }
-        if a.calibrates:
+        if a.has_calibration_term:
             settings.update(super()._card_settings())
         return settings
 

@@ -27,7 +27,7 @@ from trl.data_utils import get_dataset_column_names, pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import FusedCausalLMOutput, get_config_model_id
 
-from .calib_sft_config import CalibSFTConfig
+from .calibration_config import CalibrationConfig
 from .collator import DataCollatorWithKnowledgeFlags, _as_number
 from .mcq import LETTERS, answer_index
 from .tokenization import OptionTokenLookup, template_kwargs
@@ -133,7 +133,7 @@ def resolve_config(args, config_class, model, suffix: str):
         return config_class(f"{name.split('/')[-1]}-{suffix}")
     if isinstance(args, config_class):
         return args
-    if isinstance(args, CalibSFTConfig):
+    if isinstance(args, CalibrationConfig):
         raise TypeError(
             f"`args` must be an instance of `{config_class.__name__}`, got {type(args).__name__}, which configures "
             f"another calib-trl trainer. Build a `{config_class.__name__}` with the settings you need."

@@ -42,7 +42,11 @@ def main(script_args, training_args, model_args):
     calibration = splits.get("calibration")
     # Flags computed here, after a short style adaptation; `detection="auto"` (the default) then reads them from the
     # `known` column. Without this step the trainer would detect them itself, without style adaptation.
-    if training_args.calibrates and training_args.apply_to == "known" and training_args.detection != "online":
+    if (
+        training_args.has_calibration_term
+        and training_args.apply_to == "known"
+        and training_args.detection != "online"
+    ):
         train, report = detect_known(
             model,
             tokenizer,

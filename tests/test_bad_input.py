@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 import calib_trl.calib_sft_trainer
 import calib_trl.rcft_trainer
-from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
+from calib_trl import CalibRCFTConfig, CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 from calib_trl.mcq import make_mcq_example, validate_mcq_dataset
 from calib_trl.scoring import score_multiple_choice
 from calib_trl.tokenization import option_token_ids
@@ -463,7 +463,13 @@ def test_nonfinite_guard_runs_once_per_micro_batch_when_rcft_and_cogcalib_combin
     monkeypatch.setattr(RCFTTrainer, "_guard_nonfinite", counting)
     trainer = RCFTTrainer(
         model=make_model(len(tok)),
-        args=rcft_config(tmp_path, max_steps=2, gradient_accumulation_steps=2, calibration_loss="ecp"),
+        args=CalibRCFTConfig(
+            str(tmp_path),
+            **{**COMMON, "max_length": 1024, "estep_batch_size": 8},
+            max_steps=2,
+            gradient_accumulation_steps=2,
+            calibration_loss="ecp",
+        ),
         train_dataset=make_mcq_dataset(8, known=True),
         processing_class=tok,
     )
@@ -564,7 +570,6 @@ def test_invalid_calib_sft_hyperparameters(tmp_path, kwargs, message):
         (dict(ece_weight=1.5), r"`ece_weight` must be in \[0\.0, 1\.0\], got 1\.5"),
         (dict(ece_weight=-0.5), r"`ece_weight` must be in \[0\.0, 1\.0\], got -0\.5"),
         (dict(ece_scale=-1.0), r"`ece_scale` must be >= 0\.0, got -1\.0"),
-        (dict(calibration_weight=2.0), r"`calibration_weight` must be in \[0\.0, 1\.0\], got 2\.0"),
         (
             dict(bin_refresh="sometimes"),
             r"`bin_refresh` must be 'once', 'epoch' or a positive number of steps, got "
@@ -590,8 +595,8 @@ def test_invalid_rcft_hyperparameters(tmp_path, kwargs, message):
 
 def test_valid_edge_values_are_accepted(tmp_path):
     config = CalibSFTConfig(str(tmp_path), report_to=[], ls_epsilon=0.0, mbls_margin=0.0, calibration_weight=1.0)
-    assert config.ls_epsilon == 0.0 and config.calibrates
-    assert not CalibSFTConfig(str(tmp_path), report_to=[], calibration_weight=0.0).calibrates
+    assert config.ls_epsilon == 0.0 and config.has_calibration_term
+    assert not CalibSFTConfig(str(tmp_path), report_to=[], calibration_weight=0.0).has_calibration_term
     config = RCFTConfig(str(tmp_path), report_to=[], n_bins=2, ece_weight=1.0, bin_refresh=7, estep_samples=None)
     assert config.bin_refresh == "7"
 
@@ -651,3 +656,16 @@ def test_mcq_example_with_bad_answer():
         make_mcq_example("Which?", ["a", "b", "c"], "Z")
     with pytest.raises(ValueError, match=r"A multiple-choice question needs 2 to 26 choices, got 1"):
         make_mcq_example("Which?", ["a"], 0)
+
+
+def test_rcft_config_shows_rcft_and_the_combined_config_both(tmp_path):
+    # RCFTConfig has RCFT's parameters only; CogCalib's come with CalibRCFTConfig, validated as in CalibSFTConfig
+    with pytest.raises(TypeError, match="calibration_weight"):
+        RCFTConfig(str(tmp_path), calibration_weight=0.5)
+    assert not RCFTConfig(str(tmp_path)).has_calibration_term
+    with pytest.raises(ValueError, match=r"`calibration_weight` must be in \[0\.0, 1\.0\], got 2\.0"):
+        CalibRCFTConfig(str(tmp_path), calibration_weight=2.0)
+    with pytest.raises(ValueError, match=r"`ece_weight` must be in \[0\.0, 1\.0\], got 1\.5"):
+        CalibRCFTConfig(str(tmp_path), ece_weight=1.5)
+    both = CalibRCFTConfig(str(tmp_path), calibration_loss="ls", ece_weight=0.25)
+    assert both.has_calibration_term and (both.calibration_loss, both.ece_weight) == ("ls", 0.25)

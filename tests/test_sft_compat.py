@@ -161,7 +161,7 @@ def run(kind, scenario, tmp_path, model_dir, **calibration):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_calibration_on_trains(scenario, tmp_path, tiny_model_dir):
     trainer, losses, before = run("calib", scenario, tmp_path, tiny_model_dir)
-    assert trainer.args.calibrates
+    assert trainer.args.has_calibration_term
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert before and any(not torch.equal(p, dict(trainer.model.named_parameters())[n]) for n, p in before.items())
     assert trainer.detection_summary is not None  # the path detection took was announced
@@ -356,7 +356,7 @@ def test_swapping_one_class_in_a_trl_script(default_model_dir, tmp_path):
     }
     exec(script, namespace)
     trainer = namespace["trainer"]
-    assert isinstance(trainer, CalibSFTTrainer) and trainer.args.calibrates
+    assert isinstance(trainer, CalibSFTTrainer) and trainer.args.has_calibration_term
     assert trainer.detection_summary["path"] == "multiple_choice"
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)

@@ -116,7 +116,7 @@ def _clean(value):
 
 def train_one(name: str, workdir: str, grad_accum: int, run_dir: str) -> tuple[dict, dict]:
     """Train configuration `name` for `MAX_STEPS` optimizer steps; return its record and its final state dict."""
-    from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
+    from calib_trl import CalibRCFTConfig, CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 
     settings = dict(CONFIGS[name])
     kind, data = settings.pop("trainer"), settings.pop("data")
@@ -146,7 +146,8 @@ def train_one(name: str, workdir: str, grad_accum: int, run_dir: str) -> tuple[d
     common.update({k: settings.pop(k) for k in ("max_length",) if k in settings})
     record = {}
     if kind == "rcft":
-        args = RCFTConfig(**common, **settings)
+        config_class = CalibRCFTConfig if "calibration_loss" in settings else RCFTConfig
+        args = config_class(**common, **settings)
         trainer = RCFTTrainer(model=model, args=args, train_dataset=datasets[data], processing_class=tokenizer)
         esteps = record["esteps"] = []
         estep = trainer._estep
