@@ -66,7 +66,7 @@ def main():
     )
     from calib_trl.losses import rcft_ece_loss
     from calib_trl.rcft_trainer import ANSWER_COLUMN
-    from calib_trl.trainer_mixin import predicting, shifted
+    from calib_trl.trainer_mixin import hidden_for_outputs, shifted
 
     assert TRAIN_ROWS["default train split"] == DEFAULT_SPLIT_SIZES["train"]
     start = time.time()
@@ -119,7 +119,7 @@ def main():
             hidden = trainer._capture.hidden
             at = shifted(answers, inputs) > 0
             probs, num_choices = trainer._option_probs(
-                model, predicting(hidden, inputs)[at], shifted(answers, inputs)[at]
+                model, hidden_for_outputs(hidden, inputs)[at], shifted(answers, inputs)[at]
             )
         bins, accuracy = trainer._row_bins(probs)
         terms = {"sft": sft}

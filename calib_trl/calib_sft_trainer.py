@@ -41,7 +41,7 @@ from .trainer_mixin import (
     check_flag_column,
     check_not_empty,
     example_index,
-    predicting,
+    hidden_for_outputs,
     resolve_config,
     unwrap_base,
 )
@@ -650,7 +650,7 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         args = self.args
         return calibration_term(
             args.calibration_loss,
-            predicting(hidden, inputs)[selected] if hidden is not None else None,
+            hidden_for_outputs(hidden, inputs)[selected] if hidden is not None else None,
             self._output_labels(inputs)[selected],
             out.entropy[selected] if out.entropy is not None else None,
             unwrap_base(model).get_output_embeddings() if hidden is not None else None,
@@ -673,7 +673,9 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         at = self._to_outputs(answers, inputs, 0) > 0
         picked = at & selected
         num_choices = self._to_outputs(answers, inputs, 0)[picked]
-        option_logits, num_choices = self._option_logits(model, predicting(hidden, inputs)[picked], num_choices)
+        option_logits, num_choices = self._option_logits(
+            model, hidden_for_outputs(hidden, inputs)[picked], num_choices
+        )
         labels = self._output_labels(inputs)[picked]
         target = (labels[:, None] == self._option_index.to(labels.device)[None, :]).long().argmax(-1)
         args = self.args

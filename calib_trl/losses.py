@@ -24,9 +24,9 @@ so every method is `NLL + term`, and the trainer only needs the per-token `term`
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 # Elements of the `[chunk, V]` logits buffer of `ChunkedLogitPenalty` (64 MiB in float32)
 _CHUNK_ELEMENTS = 1 << 24
@@ -72,10 +72,6 @@ def full_lm_head_params(lm_head: torch.nn.Module):
 
 def _gather_lm_head(weight: torch.Tensor, bias: torch.Tensor | None):
     """A context that keeps a ZeRO-3-partitioned LM head gathered (TRL's `maybe_gather_lm_head_ctx`; a no-op otherwise)."""
-    try:
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-    except ImportError:  # pragma: no cover - older TRL
-        return nullcontext()
     return maybe_gather_lm_head_ctx(weight, bias)
 
 
@@ -380,9 +376,7 @@ class MarginPenalty(torch.autograd.Function):
 
 # Average number of entries per token (near or far set, whichever is smaller) up to which `MarginPenalty` keeps them
 # sparse, against recomputing the chunk's `[chunk, V]` logits in the backward: at most 1024 x 8 bytes of indices per
-# token (134 MB for 16k known tokens). SmolLM2-135M's near sets at a margin of 10 average 270 tokens at MMLU answer
-# positions and 630 over whole MMLU sequences; on 2 CPU cores the sparse products cost about as much as the recompute
-# at 1,500-2,000 entries per token
+# token (134 MB for 16k known tokens). Where the two costs cross is measured in benchmarks/README.md (MbLS overhead)
 MAX_NEAR = 1024
 
 

@@ -63,30 +63,26 @@ class RCFTConfig(CalibrationConfig):
     chosen on purpose and pinned by a test in `tests/test_rcft_trainer.py` or `tests/test_losses.py`:
 
     - **E-step rows.** The authors estimate the per-bin accuracies on the training rows. Those are the rows the model
-      is learning, so their accuracy runs ahead of held-out accuracy and the targets pull confidence up towards it
-      (in the CPU reproduction, one seed, CoECP + RCFT in the short regime ended with mean confidence 0.49 against
-      SFT's 0.40). calib-trl scores held-out rows whenever it is given them (`estep_source="auto"`), and warns when
-      it is not.
+      is learning, so their accuracy runs ahead of held-out accuracy and the targets pull confidence up towards it.
+      calib-trl scores held-out rows whenever it is given them (`estep_source="auto"`), and warns when it is not.
     - **L_ECE normalisation.** The authors divide each bin's sum by the bin's count over the whole E-step (their
       training set) and weight the term `0.5 * 1e-3` against `0.5 * L_SFT`. A batch of `B` rows then carries about
-      `B / N_train` of the term, so its pull shrinks with the size of the training set: on SmolLM2-135M and MMLU
-      batches of 8 with the 9,689-row default train split, the term's gradient is about 1e-5 of the SFT gradient's
-      (the ECE term does nothing, and RCFT trains as CFT). calib-trl's default (`"batch"`, `λ = 1`) divides by the
-      bin's rows in the batch, so the term's pull does not depend on the dataset size; its gradient was 0.8x
-      (0.3-2.5x) the SFT gradient's on the same batches (script and numbers: `benchmarks/rcft_normalization.py`,
-      benchmarks/README.md).
-      `ece_normalization="estep"` with `ece_scale=1e-3` gives the authors' objective; under it `N_b` is the E-step's
-      fraction of rows in bin `b` times the number of training rows with an answer position, which is the authors'
-      count when the E-step scores the whole training set (`estep_source="train"`, `estep_samples=None`).
+      `B / N_train` of the term, so its pull shrinks as the training set grows, down to nothing on a full-size split.
+      calib-trl's default (`"batch"`, `λ = 1`) divides by the bin's rows in the batch, so the term's pull does not
+      depend on the dataset size (the measured ratios of the two gradients: `benchmarks/rcft_normalization.py`,
+      benchmarks/README.md). `ece_normalization="estep"` with `ece_scale=1e-3` gives the authors' objective; under it
+      `N_b` is the E-step's fraction of rows in bin `b` times the number of training rows with an answer position,
+      which is the authors' count when the E-step scores the whole training set (`estep_source="train"`,
+      `estep_samples=None`).
     - **SFT term.** The paper's summary gives RCFT the joint question-and-answer loss (L_SFT2); the authors' code
       trains on the answer only (a completion-only collator), and so does calib-trl by default
       (`sft_loss="completion"`): the calibration of the answer is what is measured, and the question's tokens would
       add a language-modelling loss on text the model is not asked to produce. `"prompt_and_completion"` is L_SFT2.
     - **Target gradient.** The authors' target is a function of the probabilities it is compared with, and their
       gradient flows through it (through `γ` and the `tanh` terms; the top entry's target, the bin accuracy, is a
-      constant either way). calib-trl detaches it by default: the M-step regresses onto targets fixed by the E-step.
-      Measured on the option logits, the two gradients differ by under 1 % in norm (cosine 0.998).
-      `ece_target_gradient=True` is the authors' choice.
+      constant either way). calib-trl detaches it by default: the M-step regresses onto targets fixed by the E-step
+      (the measured difference between the two gradients is in benchmarks/README.md). `ece_target_gradient=True` is
+      the authors' choice.
     - **Bins.** The authors' loss loop stops one bin short, so rows with confidence >= 0.9 never get the term, and
       their bins are estimated once, before training. calib-trl uses every bin, the top one included, and
       re-estimates them (`bin_refresh`, all-reduced across processes); `bin_refresh="once"` is the authors' schedule.

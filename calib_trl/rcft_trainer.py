@@ -14,7 +14,7 @@ from .metrics import calibration_gaps, calibration_report, equal_width_bins
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
 from .scoring import score_multiple_choice
-from .trainer_mixin import ANSWER_COLUMN, predicting, resolve_config, shifted
+from .trainer_mixin import ANSWER_COLUMN, hidden_for_outputs, resolve_config, shifted
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class RCFTTrainer(CalibSFTTrainer):
         self._excluded_rows = 0
         self._ece_rows = None  # training rows with an answer position (the `"estep"` normalisation's N)
         self._bin_stats = None
-        self._estep_marker = None  # the epoch / step of the last E-step
+        self._last_estep = None  # {"epoch": ..., "step": ...} when the last E-step ran
         # CalibSFTTrainer reads `calibration_dataset` to detect known examples only, and says it ignores it otherwise
         detects = args.has_calibration_term and args.apply_to == "known" and args.detection in ("auto", "online")
         super().__init__(
@@ -236,7 +236,7 @@ class RCFTTrainer(CalibSFTTrainer):
             base = result[0] if return_outputs else result
             at = shifted(answers, inputs) > 0
             option_logits, num_choices = self._option_logits(
-                model, predicting(hidden, inputs)[at], shifted(answers, inputs)[at]
+                model, hidden_for_outputs(hidden, inputs)[at], shifted(answers, inputs)[at]
             )
             probs = _option_softmax(option_logits, num_choices)
         bins, accuracy = self._row_bins(probs)
@@ -313,8 +313,9 @@ class RCFTTrainer(CalibSFTTrainer):
         if refresh == "once":
             return False
         if refresh == "epoch":
-            return int(self.state.epoch + 1e-9) != self._estep_marker
-        return self.state.global_step % int(refresh) == 0 and self.state.global_step != self._estep_marker
+            return int(self.state.epoch + 1e-9) != self._last_estep["epoch"]
+        step = self.state.global_step
+        return step % int(refresh) == 0 and step != self._last_estep["step"]
 
     @torch.no_grad()
     def estimate_bins(self, model=None) -> dict:
@@ -350,8 +351,7 @@ class RCFTTrainer(CalibSFTTrainer):
 
     def _estep(self, model) -> None:
         self._bin_stats = self.estimate_bins(model)
-        refresh = self.args.bin_refresh
-        self._estep_marker = int(self.state.epoch + 1e-9) if refresh == "epoch" else self.state.global_step
+        self._last_estep = {"epoch": int(self.state.epoch + 1e-9), "step": self.state.global_step}
         s = self._bin_stats
         logger.info(
             "RCFT E-step at step %d on %d %s rows: accuracy %.4f, conf-ECE %.4f, class-wise ECE %.4f; bin counts %s",
@@ -370,7 +370,7 @@ class RCFTTrainer(CalibSFTTrainer):
         state = super()._calib_state()
         if self._bin_stats is not None:
             state["rcft_bins"] = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in self._bin_stats.items()}
-            state["rcft_estep_marker"] = self._estep_marker
+            state["rcft_last_estep"] = self._last_estep
         return state
 
     def _load_calib_state(self, state: dict) -> None:
@@ -385,7 +385,7 @@ class RCFTTrainer(CalibSFTTrainer):
                 )
                 for k, v in bins.items()
             }
-            self._estep_marker = state["rcft_estep_marker"]
+            self._last_estep = state["rcft_last_estep"]
 
     def _card_settings(self) -> dict:
         a = self.args

@@ -88,10 +88,6 @@ class ForwardCapture:
         finally:
             self.output, self.hidden, self.active = None, None, False
 
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
-
 
 def shifted(tensor: torch.Tensor, inputs: dict) -> torch.Tensor:
     """
@@ -104,8 +100,11 @@ def shifted(tensor: torch.Tensor, inputs: dict) -> torch.Tensor:
     return tensor[:, 1:]
 
 
-def predicting(hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """The hidden states that predict the fused head's labels: positions `:-1`, unless labels are pre-shifted."""
+def hidden_for_outputs(hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """
+    The hidden states aligned with the fused head's outputs (each predicts the next token's label): positions `:-1`,
+    unless the labels come pre-shifted.
+    """
     return hidden if "shift_labels" in inputs else hidden[:, :-1]
 
 

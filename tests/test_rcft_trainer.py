@@ -182,7 +182,7 @@ def test_ece_term_matches_full_logits_reference(tmp_path, padding_free):
     accuracy = torch.linspace(0.05, 0.95, args.n_bins)
     accuracy[3] = float("nan")  # an empty E-step bin: its rows keep their own confidence as target
     trainer._bin_stats = {"accuracy": accuracy, "estep_accuracy": 0.0, "estep_ece": 0.0, "estep_cw_ece": 0.0}
-    trainer._estep_marker = 0
+    trainer._last_estep = {"epoch": 0, "step": 0}
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["answer_num_choices"].shape == batch["input_ids"].shape
     assert sorted(batch["answer_num_choices"][batch["answer_num_choices"] > 0].tolist()) != []

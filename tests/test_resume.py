@@ -183,7 +183,8 @@ def test_rcft_resumes_with_its_bin_statistics(tmp_path, bin_refresh, esteps, sto
     full, resumed, checkpoint = _run_three_ways(tmp_path, build, stop_at)
     assert full.esteps == esteps
     saved = json.loads((checkpoint / "calib_trl_state.json").read_text())
-    assert saved["rcft_estep_marker"] == (0 if bin_refresh == "epoch" else 2)
+    last = saved["rcft_last_estep"]
+    assert (last["epoch"] if bin_refresh == "epoch" else last["step"]) == (0 if bin_refresh == "epoch" else 2)
 
     resumed.train(resume_from_checkpoint=str(checkpoint))
     # the bins come from the checkpoint: no E-step at the resume itself when none is due (mid-epoch, or between two
