@@ -376,7 +376,7 @@ class MarginPenalty(torch.autograd.Function):
 
 # Average number of entries per token (near or far set, whichever is smaller) up to which `MarginPenalty` keeps them
 # sparse, against recomputing the chunk's `[chunk, V]` logits in the backward: at most 1024 x 8 bytes of indices per
-# token (134 MB for 16k known tokens). Where the two costs cross is measured in benchmarks/README.md (MbLS overhead)
+# token (134 MB for 16k known tokens), a bound on memory rather than a tuned crossover
 MAX_NEAR = 1024
 
 
