@@ -51,7 +51,7 @@ class RCFTTrainer(CalibSFTTrainer):
     the term costs almost nothing; the E-step costs one prompt-only forward pass per scored row.
 
     Args:
-        model, args, ...: as in [`CalibSFTTrainer`] / [`~trl.SFTTrainer`].
+        model, args, and the other arguments: as in [`CalibSFTTrainer`] (whose signature is `SFTTrainer`'s).
         estep_dataset (`datasets.Dataset`, *optional*): held-out multiple-choice rows for the E-step.
         calibration_dataset (`datasets.Dataset`, *optional*): held-out multiple-choice rows; the E-step scores them
             when no `estep_dataset` is given, and CogCalib's online detection (when switched on) fits its threshold
@@ -71,21 +71,10 @@ class RCFTTrainer(CalibSFTTrainer):
         self,
         model,
         args: RCFTConfig | TrainingArguments | None = None,
-        data_collator=None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict | None = None,
-        processing_class=None,
-        compute_loss_func=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        optimizer_cls_and_kwargs=None,
-        preprocess_logits_for_metrics=None,
-        quantization_config=None,
-        peft_config=None,
-        formatting_func=None,
+        *sft_args,
         calibration_dataset: Dataset | None = None,
         estep_dataset: Dataset | None = None,
+        **sft_kwargs,
     ):
         args = resolve_config(args, self._config_class, model, self._name)
         self._rcft_active = args.ece_weight > 0
@@ -99,22 +88,7 @@ class RCFTTrainer(CalibSFTTrainer):
         # CalibSFTTrainer reads `calibration_dataset` to detect known examples only, and says it ignores it otherwise
         detects = args.has_calibration_term and args.apply_to == "known" and args.detection in ("auto", "online")
         super().__init__(
-            model,
-            args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-            calibration_dataset=calibration_dataset if detects else None,
+            model, args, *sft_args, calibration_dataset=calibration_dataset if detects else None, **sft_kwargs
         )
         if self._rcft_active and self._virtual_tokens:
             raise ValueError(
@@ -125,7 +99,9 @@ class RCFTTrainer(CalibSFTTrainer):
         self._install_flag_collator((ANSWER_COLUMN,), required=True)
         if self._option_ids is None:
             raise RuntimeError("The answer positions were not located during dataset preparation.")
-        estep_rows, self.estep_source = self._pick_estep_rows(args, train_dataset, estep_dataset, calibration_dataset)
+        estep_rows, self.estep_source = self._pick_estep_rows(
+            args, self._train_rows, estep_dataset, calibration_dataset
+        )
         if args.estep_samples is not None and len(estep_rows) > args.estep_samples:
             pick = np.random.default_rng(args.seed).choice(len(estep_rows), args.estep_samples, replace=False)
             estep_rows = estep_rows.select(np.sort(pick))
