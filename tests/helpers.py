@@ -161,29 +161,48 @@ def reference_option_scores(model, tok, dataset) -> dict:
     """
     Multiple-choice scores written from the definition, one row at a time, with no calib-trl code: the row's
     conversational prompt through the chat template with the generation prompt, the full logits at its last position,
-    and the softmax over that row's own option letters. Returns `probs` (`[N, max K]`, 0 beyond a row's options),
-    `labels`, `confidences` and `correct` as numpy arrays.
+    and the softmax over that row's own option letters. Returns numpy arrays: option `logits` (`[N, max K]`, -inf
+    beyond a row's options) and `probs` (0 there), `labels`, `confidences`, `correct`, `answer_mass` (the letters'
+    share of the full softmax), and `lm_nll`, the NLL per token of the user message's own text (with the
+    character-level tokenizer, its characters).
     """
     import numpy as np
 
     k_max = max(len(c) for c in dataset["choices"])
-    probs = np.zeros((len(dataset), k_max))
+    logits = np.full((len(dataset), k_max), -np.inf)
+    answer_mass = np.zeros(len(dataset))
+    lm_nll, lm_tokens = 0.0, 0
     training = model.training
     model.eval()
     for i, row in enumerate(dataset):
         assert isinstance(row["prompt"], list), "conversational rows only"
         ids = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
         with torch.no_grad():
-            last = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+            full = model(input_ids=torch.tensor([ids])).logits[0].double()
         k = len(row["choices"])
-        probs[i, :k] = last[letter_ids(tok, k)].softmax(-1).numpy()
+        letters = letter_ids(tok, k)
+        logits[i, :k] = full[-1, letters].numpy()
+        answer_mass[i] = float(full[-1].softmax(-1)[letters].sum())
+        # the message's characters: where its text starts in the rendered prompt, one token per character
+        content = row["prompt"][-1]["content"]
+        text = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        first = len(tok(text[: text.index(content)], add_special_tokens=False)["input_ids"])
+        assert tok.decode(ids[first : first + len(content)]) == content
+        logp = full.log_softmax(-1)
+        lm_nll -= sum(float(logp[p - 1, ids[p]]) for p in range(first, first + len(content)))
+        lm_tokens += len(content)
     model.train(training)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
     labels = np.array([a if isinstance(a, int) else string.ascii_uppercase.index(a) for a in dataset["answer"]])
     return {
+        "logits": logits,
         "probs": probs,
         "labels": labels,
         "confidences": probs.max(1),
         "correct": probs.argmax(1) == labels,
+        "answer_mass": answer_mass,
+        "lm_nll": lm_nll / lm_tokens,
     }
 
 
