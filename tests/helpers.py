@@ -37,6 +37,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def make_model(
     vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie: bool = True, **config
 ) -> LlamaForCausalLM:
+    """The tests' one tiny model: a randomly initialised 2-layer Llama with a (tied) LM head of large logits."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -117,3 +118,182 @@ def memorize(model, tokenizer, dataset, steps: int = 60):
         )
         SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
     return model
+
+
+# -- trainer configurations -------------------------------------------------------------------------------------------
+
+# Settings of every tiny in-process run: no reporting or saving, no progress bars, float32, the dataset's own order
+QUIET = dict(
+    report_to=[],
+    save_strategy="no",
+    disable_tqdm=True,
+    activation_checkpointing=False,
+    bf16=False,
+    dataloader_pin_memory=False,
+    shuffle_dataset=False,
+)
+
+
+def make_config(config_class, output_dir, **kwargs):
+    """
+    A `CalibSFTConfig` or `RCFTConfig` for a tiny run: `QUIET`, batches of 4, `max_length=1024` (and E-step batches of
+    8 for RCFT); `kwargs` override any of them.
+    """
+    from calib_trl import RCFTConfig
+
+    defaults = {**QUIET, "per_device_train_batch_size": 4, "max_length": 1024}
+    if issubclass(config_class, RCFTConfig):
+        defaults["estep_batch_size"] = 8
+    return config_class(str(output_dir), **{**defaults, **kwargs})
+
+
+# -- independent references -------------------------------------------------------------------------------------------
+
+
+def letter_ids(tok, k: int = 4) -> list[int]:
+    """The option letters' token ids, read off the tokenizer: with the character-level tokenizer each is one token."""
+    ids = [tok.convert_tokens_to_ids(letter) for letter in string.ascii_uppercase[:k]]
+    assert tok.unk_token_id not in ids
+    return ids
+
+
+def reference_option_scores(model, tok, dataset) -> dict:
+    """
+    Multiple-choice scores written from the definition, one row at a time, with no calib-trl code: the row's
+    conversational prompt through the chat template with the generation prompt, the full logits at its last position,
+    and the softmax over that row's own option letters. Returns numpy arrays: option `logits` (`[N, max K]`, -inf
+    beyond a row's options) and `probs` (0 there), `labels`, `confidences`, `correct`, `answer_mass` (the letters'
+    share of the full softmax), and `lm_nll`, the NLL per token of the user message's own text (with the
+    character-level tokenizer, its characters).
+    """
+    import numpy as np
+
+    k_max = max(len(c) for c in dataset["choices"])
+    logits = np.full((len(dataset), k_max), -np.inf)
+    answer_mass = np.zeros(len(dataset))
+    lm_nll, lm_tokens = 0.0, 0
+    training = model.training
+    model.eval()
+    for i, row in enumerate(dataset):
+        assert isinstance(row["prompt"], list), "conversational rows only"
+        ids = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            full = model(input_ids=torch.tensor([ids])).logits[0].double()
+        k = len(row["choices"])
+        letters = letter_ids(tok, k)
+        logits[i, :k] = full[-1, letters].numpy()
+        answer_mass[i] = float(full[-1].softmax(-1)[letters].sum())
+        # the message's characters: where its text starts in the rendered prompt, one token per character
+        content = row["prompt"][-1]["content"]
+        text = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        first = len(tok(text[: text.index(content)], add_special_tokens=False)["input_ids"])
+        assert tok.decode(ids[first : first + len(content)]) == content
+        logp = full.log_softmax(-1)
+        lm_nll -= sum(float(logp[p - 1, ids[p]]) for p in range(first, first + len(content)))
+        lm_tokens += len(content)
+    model.train(training)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    labels = np.array([a if isinstance(a, int) else string.ascii_uppercase.index(a) for a in dataset["answer"]])
+    return {
+        "logits": logits,
+        "probs": probs,
+        "labels": labels,
+        "confidences": probs.max(1),
+        "correct": probs.argmax(1) == labels,
+        "answer_mass": answer_mass,
+        "lm_nll": lm_nll / lm_tokens,
+    }
+
+
+def grads(model) -> dict:
+    """The gradient of every trainable parameter that has one, by name (copies)."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+# Batch columns that are not model inputs: the labels, the known flags, the answer marks
+NOT_INPUTS = ("labels", "known", "answer_num_choices")
+
+
+def reference_loss(model, batch, args, num_items, virtual_tokens=0):
+    """
+    The CogCalib loss from the full `[B, T, V]` logits, written literally from the method definitions. With
+    prompt-learning PEFT, the logits also cover the `virtual_tokens` positions it prepends, whose labels are -100.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+    logits = model(**inputs, use_cache=False).logits.float()[:, :-1]
+    labels = batch["labels"]
+    known = batch["known"] if "known" in batch else torch.zeros_like(labels, dtype=torch.float)
+    if virtual_tokens:
+        labels = torch.cat([labels.new_full((labels.shape[0], virtual_tokens), -100), labels], dim=1)
+        known = torch.cat([known.new_zeros((known.shape[0], virtual_tokens)), known], dim=1)
+    assert logits.shape[1] == labels.shape[1] - 1
+    labels = labels[:, 1:]
+    mask = labels != -100
+    known = known[:, 1:] > 0.5
+    selected = mask & (known if args.apply_to == "known" else torch.ones_like(mask))
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if args.calibration_loss == "ls":
+        eps = args.ls_epsilon
+        method = (1 - eps) * nll + eps * (-logp).mean(-1)
+    elif args.calibration_loss == "mbls":
+        top = logits.max(-1, keepdim=True).values
+        method = nll + args.mbls_lambda * (top - logits - args.mbls_margin).clamp(min=0).mean(-1)
+    elif args.calibration_loss == "ecp":
+        entropy = -(logp.exp() * logp).sum(-1)
+        method = nll - args.ecp_beta * entropy
+    else:
+        method = nll
+    per_token = torch.where(selected, nll + args.calibration_weight * (method - nll), nll)
+    return (per_token * mask).sum() / num_items
+
+
+def option_reference_loss(model, batch, args, num_items, option_ids, known=None):
+    """
+    The option-space loss from the full `[B, T, V]` logits: cross-entropy on every token, plus, at the answer token of
+    each selected example, `calibration_weight * (L_method - NLL)` on the softmax over that row's option letters
+    (`option_ids`: the letters' token ids).
+    """
+    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+    logits = model(**inputs, use_cache=False).logits.float()[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = logits.log_softmax(-1)
+    per_token = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    answers = batch["answer_num_choices"][:, 1:]
+    if known is None:
+        known = batch["known"][:, 1:] > 0.5 if args.apply_to == "known" else torch.ones_like(mask)
+    picked = (answers > 0) & known & mask
+    assert picked.any()
+    terms = []
+    for r, t in picked.nonzero().tolist():
+        k = int(answers[r, t])
+        z = logits[r, t, option_ids[:k]]
+        y = option_ids.index(int(labels[r, t]))
+        lp = z.log_softmax(-1)
+        if args.calibration_loss == "ls":
+            method = (1 - args.ls_epsilon) * -lp[y] + args.ls_epsilon * (-lp).mean()
+            term = method - -lp[y]
+        elif args.calibration_loss == "mbls":
+            term = args.mbls_lambda * (z.max() - z - args.mbls_margin).clamp(min=0).mean()
+        else:
+            term = args.ecp_beta * (lp.exp() * lp).sum()
+        terms.append(((r, t), term))
+    extra = torch.zeros_like(per_token)
+    for (r, t), term in terms:
+        extra = extra.index_put((torch.tensor([r]), torch.tensor([t])), term.reshape(1), accumulate=True)
+    per_token = per_token + args.calibration_weight * extra
+    return (per_token * mask).sum() / num_items
+
+
+def mixed_choices_dataset(n=12, seed=1, known=True):
+    """Rows with 4 options and rows with 3, so that the softmax over each row's own options is exercised."""
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets(
+        [
+            make_mcq_dataset(n // 2, seed=seed, known=known),
+            make_mcq_dataset(n - n // 2, seed=seed + 50, num_choices=3, known=known),
+        ]
+    ).shuffle(seed=seed)

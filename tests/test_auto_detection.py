@@ -22,6 +22,7 @@ from helpers import (
     make_open_ended_dataset,
     make_tokenizer,
     memorize,
+    reference_option_scores,
 )
 from transformers import TrainingArguments
 from trl import SFTConfig
@@ -29,43 +30,13 @@ from trl.trainer.utils import get_config_model_id
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 from calib_trl.knowledge import youden_threshold
-from calib_trl.scoring import answer_rows, score_answers, score_multiple_choice
-
-COMMON = dict(
-    report_to=[],
-    save_strategy="no",
-    disable_tqdm=True,
-    activation_checkpointing=False,
-    bf16=False,
-    dataloader_pin_memory=False,
-    shuffle_dataset=False,
-    per_device_train_batch_size=4,
-    max_length=1024,
-    max_steps=2,
-    logging_steps=1,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def config(tmp_path, **kwargs):
-    return CalibSFTConfig(str(tmp_path), **{**COMMON, **kwargs})
+from calib_trl.scoring import answer_rows, score_answers
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def knowing(tok):
+def knowing():
     """A tiny model trained on the first 8 of 16 open-ended rows: it answers those correctly, and only those."""
+    tok = make_tokenizer()
     rows = make_open_ended_dataset(16)
     model = memorize(make_model(len(tok), seed=0), tok, rows.select(range(8)))
     _, correct = score_answers(model, tok, rows, check_correct=True, progress=False)
@@ -80,14 +51,15 @@ def detection_lines(caplog) -> list[str]:
 # -- the paths of detection="auto" -----------------------------------------------------------------------------------
 
 
-def test_multiple_choice_rows_are_flagged_by_the_models_own_answer_inside_train(tmp_path, tok, caplog):
+def test_multiple_choice_rows_are_flagged_by_the_models_own_answer_inside_train(make_trainer, tok, caplog):
     model = make_model(len(tok), seed=4)
     train, evaluation = make_mcq_dataset(12, seed=1), make_mcq_dataset(6, seed=2)
-    expected = score_multiple_choice(model, tok, train, progress=False).correct
-    expected_eval = score_multiple_choice(model, tok, evaluation, progress=False).correct
+    expected = reference_option_scores(model, tok, train)["correct"]
+    expected_eval = reference_option_scores(model, tok, evaluation)["correct"]
     assert 0 < expected.sum() < len(expected)
-    trainer = CalibSFTTrainer(
-        model=model, args=config(tmp_path), train_dataset=train, eval_dataset=evaluation, processing_class=tok
+    # one step on all 12 rows, so that the logged known fraction is that of the whole train dataset
+    trainer = make_trainer(
+        train, model=model, eval_dataset=evaluation, per_device_train_batch_size=12, max_steps=1, logging_steps=1
     )
     assert trainer.args.detection == "auto"
     assert "known" not in trainer.train_dataset.column_names  # nothing is scored before `train()`
@@ -98,98 +70,76 @@ def test_multiple_choice_rows_are_flagged_by_the_models_own_answer_inside_train(
     (line,) = detection_lines(caplog)
     assert "the model's own answer (multiple-choice rows, no calibration_dataset)" in line
     assert f"train {expected.mean():.3f} of 12 rows, eval {expected_eval.mean():.3f} of 6 rows" in line
-    assert "multiple-choice" in trainer._card_settings()["detection"]
-    assert any(h.get("calib/known_fraction", 0) > 0 for h in trainer.state.log_history)
+    assert trainer.detection_summary["path"] == "multiple_choice"
+    # the share of the loss tokens (each row's answer letter and end of turn) that get the term
+    loss_tokens = [sum(label != -100 for label in labels[1:]) for labels in trainer.train_dataset["labels"]]
+    known_tokens = sum(n for n, known in zip(loss_tokens, expected) if known)
+    (logged,) = [h["calib/known_fraction"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx(known_tokens / sum(loss_tokens))
 
 
-def test_a_calibration_dataset_gives_a_threshold_fitted_on_it(tmp_path, tok):
+def test_a_calibration_dataset_gives_a_threshold_fitted_on_it(make_trainer, tok):
     model = make_model(len(tok), seed=4)
     train, calibration = make_mcq_dataset(12, seed=1), make_mcq_dataset(24, seed=3)
     nll, correct = score_answers(model, tok, calibration, check_correct=True, progress=False)
     threshold = youden_threshold(nll, correct)[0]
     assert math.isfinite(threshold)
     train_nll, _ = score_answers(model, tok, train, progress=False)
-    trainer = CalibSFTTrainer(
-        model=model,
-        args=config(tmp_path, max_steps=1),
-        train_dataset=train,
-        processing_class=tok,
-        calibration_dataset=calibration,
-    )
+    trainer = make_trainer(train, model=model, max_steps=1, calibration_dataset=calibration)
     trainer.train()
-    assert trainer._rule.path == "calibration_dataset"
-    assert trainer._rule.threshold == pytest.approx(threshold)
+    assert trainer.detection_summary["path"] == "calibration_dataset"
+    assert trainer.detection_summary["rule"]["threshold"] == pytest.approx(threshold)
     assert trainer.train_dataset["known"] == (train_nll <= threshold).tolist()
 
 
-def test_open_ended_rows_get_a_threshold_fitted_on_a_sample_of_themselves(tmp_path, tok, knowing, caplog):
+def test_open_ended_rows_get_a_threshold_fitted_on_a_sample_of_themselves(make_trainer, knowing, caplog):
     rows = make_open_ended_dataset(16)
-    trainer = CalibSFTTrainer(
-        model=copy.deepcopy(knowing),
-        args=config(tmp_path, max_steps=1, auto_detection_samples=8),
-        train_dataset=rows,
-        processing_class=tok,
-    )
+    trainer = make_trainer(rows, model=copy.deepcopy(knowing), max_steps=1, auto_detection_samples=8)
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
         trainer.train()
-    rule = trainer._rule
-    assert rule.path == "training_sample" and rule.report.n_calibration == 8 and rule.report.fitted
+    summary = trainer.detection_summary
+    assert summary["path"] == "training_sample" and summary["rule"]["report"]["n_calibration"] == 8
+    assert math.isfinite(summary["rule"]["threshold"])
     # the sampled rows stay in training, and every row is flagged by the threshold
     assert trainer.train_dataset["known"] == [True] * 8 + [False] * 8
     (line,) = detection_lines(caplog)
     assert "fitted on 8 rows of a random sample of the training rows (they stay in training)" in line
 
 
-def test_no_threshold_on_the_sample_flags_every_row_unknown_or_stops(tmp_path, tok, caplog):
+def test_no_threshold_on_the_sample_flags_every_row_unknown_or_stops(make_trainer, caplog):
     rows = make_open_ended_dataset(8)  # a random model answers none of them
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)), args=config(tmp_path, max_steps=1), train_dataset=rows, processing_class=tok
-    )
+    trainer = make_trainer(rows, max_steps=1)
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
         trainer.train()
-    assert not trainer._rule.report.fitted and math.isnan(trainer._rule.report.detection_accuracy)
+    report = trainer.detection_summary["rule"]["report"]
+    assert report["threshold"] == -math.inf and math.isnan(report["detection_accuracy"])
     assert trainer.train_dataset["known"] == [False] * 8
     assert "NO KNOWLEDGE THRESHOLD. Automatic detection: no threshold fitted" in caplog.text
     (line,) = detection_lines(caplog)
     assert "no threshold, from 8 rows of a random sample of the training rows" in line
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=config(tmp_path, max_steps=1, unfitted_threshold="raise"),
-        train_dataset=rows,
-        processing_class=tok,
-    )
+    trainer = make_trainer(rows, max_steps=1, unfitted_threshold="raise")
     with pytest.raises(ValueError, match=r"Automatic detection: no threshold fitted .* So no example gets the"):
         trainer.train()
 
 
-def test_rows_without_an_answer_get_the_term_on_every_token(tmp_path, tok, caplog):
+def test_rows_without_an_answer_get_the_term_on_every_token(make_trainer, caplog):
     text = Dataset.from_list([{"text": row["prompt"][0]["content"]} for row in make_mcq_dataset(8, seed=5)])
     losses = []
     for kwargs in (dict(), dict(apply_to="all")):
         with caplog.at_level(logging.WARNING, logger="calib_trl"):
-            trainer = CalibSFTTrainer(
-                model=make_model(len(tok), seed=6),
-                args=config(tmp_path, **kwargs),
-                train_dataset=text,
-                processing_class=tok,
-            )
+            trainer = make_trainer(text, model_seed=6, max_steps=2, logging_steps=1, **kwargs)
         trainer.train()
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
-    assert losses[0] == losses[1]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
     (line,) = detection_lines(caplog)
     assert "have no answer to score" in line and "the calibration term goes to every token" in line
 
 
-def test_a_stream_gets_one_threshold_fitted_before_the_first_step(tmp_path, tok, caplog):
+def test_a_stream_gets_one_threshold_fitted_before_the_first_step(make_trainer, caplog):
     rows = make_mcq_dataset(12, seed=1).to_list()
     stream = IterableDataset.from_generator(lambda: iter(rows))
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        trainer = CalibSFTTrainer(
-            model=make_model(len(tok), seed=4),
-            args=config(tmp_path, max_steps=3, auto_detection_samples=10),
-            train_dataset=stream,
-            processing_class=tok,
-        )
+        trainer = make_trainer(stream, model_seed=4, max_steps=3, auto_detection_samples=10)
     trainer.train()
     assert [h["step"] for h in trainer.detector.history] == [0]  # fitted once, never re-fitted
     assert trainer.detector.last_report.n_calibration == 10
@@ -197,27 +147,19 @@ def test_a_stream_gets_one_threshold_fitted_before_the_first_step(tmp_path, tok,
     assert "`IterableDataset`" in line and "the first 10 rows of the stream" in line
 
 
-def test_a_known_column_is_used_as_it_is(tmp_path, tok, caplog):
+def test_a_known_column_is_used_as_it_is(make_trainer, tok, caplog):
     train = make_mcq_dataset(8, seed=1, known=True)
     with caplog.at_level(logging.INFO, logger="calib_trl"):
-        trainer = CalibSFTTrainer(
-            model=make_model(len(tok)), args=config(tmp_path), train_dataset=train, processing_class=tok
-        )
+        trainer = make_trainer(train, max_steps=2)
         trainer.train()
-    assert trainer._rule is None  # nothing was scored
+    assert trainer.detection_summary["path"] == "column" and "rule" not in trainer.detection_summary  # nothing scored
     assert trainer.train_dataset["known"] == train["known"]
     (line,) = detection_lines(caplog)
     assert "from the `known` column of every dataset" in line
     # an evaluation dataset without the column is flagged by the rule, inside `train()`
     evaluation = make_mcq_dataset(6, seed=2)
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=config(tmp_path),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tok,
-    )
-    expected = score_multiple_choice(trainer.model, tok, evaluation, progress=False).correct
+    trainer = make_trainer(train, eval_dataset=evaluation, max_steps=2)
+    expected = reference_option_scores(trainer.model, tok, evaluation)["correct"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="calib_trl"):
         trainer.train()
@@ -242,8 +184,7 @@ def test_answer_rows():
 # -- online detection ------------------------------------------------------------------------------------------------
 
 
-def test_online_detection_on_conversational_messages(tmp_path, knowing):
-    tok = make_tokenizer()
+def test_online_detection_on_conversational_messages(make_trainer, tok, knowing):
     tok.chat_template = TRAINING_CHAT_TEMPLATE
     messages = make_open_ended_dataset(16, messages=True)
     # the loss of a `messages` row covers the whole conversation: no answer NLL to compare with the threshold
@@ -252,40 +193,36 @@ def test_online_detection_on_conversational_messages(tmp_path, knowing):
         match=r"the train dataset's rows \(\['messages'\]\) have no separate answer.*Convert conversational rows to "
         r"prompt/completion .*or set `assistant_only_loss=True`",
     ):
-        CalibSFTTrainer(
-            model=copy.deepcopy(knowing),
-            args=config(tmp_path, detection="online"),
-            train_dataset=messages,
-            processing_class=tok,
-            calibration_dataset=messages,
-        )
+        make_trainer(messages, model=copy.deepcopy(knowing), detection="online", calibration_dataset=messages)
     # with the loss on the assistant's messages, calibration and training rows in `messages` form both work
-    trainer = CalibSFTTrainer(
+    trainer = make_trainer(
+        messages,
         model=copy.deepcopy(knowing),
-        args=config(
-            tmp_path, detection="online", assistant_only_loss=True, per_device_train_batch_size=16, max_steps=1
-        ),
-        train_dataset=messages,
-        processing_class=tok,
+        detection="online",
+        assistant_only_loss=True,
+        per_device_train_batch_size=16,
+        max_steps=1,
+        logging_steps=1,
         calibration_dataset=messages,
     )
     trainer.train()
-    report = trainer.detector.last_report
-    assert report.fitted and report.detection_accuracy == 1.0 and report.n_calibration == 16
+    assert trainer.detector.last_report.n_calibration == 16
+    (logged,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged["calib/threshold_fitted"] == 1.0 and logged["calib/detection_accuracy"] == 1.0
     # one batch of all 16 rows: the known fraction of its loss tokens (each answer and its end-of-turn token) is that
     # of the first 8 rows, the ones the model knows
     lengths = [len(m[-1]["content"]) + 1 for m in messages["messages"]]
-    (logged,) = [h["calib/known_fraction"] for h in trainer.state.log_history if "loss" in h]
-    assert logged == pytest.approx(sum(lengths[:8]) / sum(lengths))
+    assert logged["calib/known_fraction"] == pytest.approx(sum(lengths[:8]) / sum(lengths))
 
 
-def test_online_detection_without_a_fitted_threshold_says_so(tmp_path, tok, knowing, caplog):
+def test_online_detection_without_a_fitted_threshold_says_so(make_trainer, knowing, caplog):
     unknown = make_open_ended_dataset(16).select(range(8, 16))  # the model answers none of them
-    trainer = CalibSFTTrainer(
+    trainer = make_trainer(
+        make_open_ended_dataset(16),
         model=copy.deepcopy(knowing),
-        args=config(tmp_path, detection="online"),
-        train_dataset=make_open_ended_dataset(16),
-        processing_class=tok,
+        detection="online",
+        max_steps=2,
+        logging_steps=1,
         calibration_dataset=unknown,
     )
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
@@ -299,23 +236,24 @@ def test_online_detection_without_a_fitted_threshold_says_so(tmp_path, tok, know
         "calibration items correctly): every example is flagged unknown. So no example gets the calibration term: "
         "training is plain cross-entropy (standard SFT)."
     ) in caplog.text
-    trainer = CalibSFTTrainer(
+    trainer = make_trainer(
+        make_open_ended_dataset(16),
         model=copy.deepcopy(knowing),
-        args=config(tmp_path, detection="online", unfitted_threshold="raise"),
-        train_dataset=make_open_ended_dataset(16),
-        processing_class=tok,
+        detection="online",
+        unfitted_threshold="raise",
+        max_steps=2,
         calibration_dataset=unknown,
     )
     with pytest.raises(ValueError, match=r"So no example gets the calibration term.*`unfitted_threshold='warn'`"):
         trainer.train()
 
 
-def test_online_refit_shows_a_progress_bar(tmp_path, tok, capfd):
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=config(tmp_path, detection="online", max_steps=1, disable_tqdm=False),
-        train_dataset=make_mcq_dataset(4, seed=1),
-        processing_class=tok,
+def test_online_refit_shows_a_progress_bar(make_trainer, capfd):
+    trainer = make_trainer(
+        make_mcq_dataset(4, seed=1),
+        detection="online",
+        max_steps=1,
+        disable_tqdm=False,
         calibration_dataset=make_mcq_dataset(6, seed=2),
     )
     capfd.readouterr()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
-from helpers import make_mcq_dataset, make_model, make_tokenizer
+from helpers import make_config, make_mcq_dataset, make_model
 from transformers import TrainerCallback
 
 import calib_trl.calib_sft_trainer
@@ -18,39 +18,6 @@ from calib_trl.mcq import make_mcq_example, validate_mcq_dataset
 from calib_trl.scoring import score_multiple_choice
 from calib_trl.tokenization import option_token_ids
 
-COMMON = dict(
-    report_to=[],
-    save_strategy="no",
-    disable_tqdm=True,
-    activation_checkpointing=False,
-    bf16=False,
-    dataloader_pin_memory=False,
-    shuffle_dataset=False,
-    per_device_train_batch_size=2,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run fastest on one thread, which also keeps them fast when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-def calib_config(tmp_path, **kwargs):
-    return CalibSFTConfig(str(tmp_path), **{**COMMON, "max_length": 1024, **kwargs})
-
-
-def rcft_config(tmp_path, **kwargs):
-    return RCFTConfig(str(tmp_path), **{**COMMON, "max_length": 1024, "estep_batch_size": 8, **kwargs})
-
 
 def with_known(values, seed=0):
     return make_mcq_dataset(len(values), seed=seed).add_column("known", values)
@@ -59,35 +26,19 @@ def with_known(values, seed=0):
 # -- the `known` column (precomputed detection) -----------------------------------------------------------------------
 
 
-def test_missing_known_column(tmp_path, tok):
+def test_missing_known_column(make_trainer):
     with pytest.raises(
         ValueError,
         match=r"The train dataset has no `known` column, which `detection='precomputed'` "
         r"needs\. Run `calib_trl\.detect_known",
     ):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path, detection="precomputed"),
-            train_dataset=make_mcq_dataset(4),
-            processing_class=tok,
-        )
+        make_trainer(make_mcq_dataset(4), detection="precomputed")
     # an evaluation dataset is checked too
     with pytest.raises(ValueError, match="The eval dataset has no `known` column"):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path, detection="precomputed"),
-            train_dataset=with_known([1, 0]),
-            eval_dataset=make_mcq_dataset(2),
-            processing_class=tok,
-        )
+        make_trainer(with_known([1, 0]), eval_dataset=make_mcq_dataset(2), detection="precomputed")
     # another column name, set in the config
     with pytest.raises(ValueError, match="has no `is_known` column"):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path, known_column="is_known", detection="precomputed"),
-            train_dataset=with_known([1, 0]),
-            processing_class=tok,
-        )
+        make_trainer(with_known([1, 0]), known_column="is_known", detection="precomputed")
 
 
 @pytest.mark.parametrize(
@@ -114,54 +65,32 @@ def test_missing_known_column(tmp_path, tok):
     ],
     ids=["strings", "lists", "nan", "two", "half", "negative"],
 )
-def test_invalid_known_values(tmp_path, tok, values, error, message):
+def test_invalid_known_values(make_trainer, values, error, message):
     with pytest.raises(error, match=message):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path),
-            train_dataset=with_known(values),
-            processing_class=tok,
-        )
+        make_trainer(with_known(values))
 
 
-def test_all_known_or_all_unknown_warns_what_the_loss_becomes(tmp_path, tok):
+@pytest.mark.parametrize("known", [[False] * 4, [0] * 4])
+def test_no_known_example_warns_what_the_loss_becomes(make_trainer, known):
     with pytest.warns(
         UserWarning,
         match=r"No example of the train dataset is known: with `apply_to='known'` the loss "
         r"is plain cross-entropy \(standard SFT\)",
     ):
-        CalibSFTTrainer._check_known(with_known([False] * 4), "known", "train")
+        make_trainer(with_known(known))
+
+
+@pytest.mark.parametrize("known", [[True] * 4, [1] * 4])
+def test_every_example_known_warns_what_the_loss_becomes(make_trainer, known):
     with pytest.warns(
         UserWarning,
         match=r"Every example of the train dataset is known: the loss is the calibration "
         r"loss on all data \(`apply_to='all'`\)",
     ):
-        CalibSFTTrainer._check_known(with_known([True] * 4), "known", "train")
-    # through the trainer, with 0/1 integers
-    with pytest.warns(UserWarning, match="Every example of the train dataset is known"):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path),
-            train_dataset=with_known([1] * 4),
-            processing_class=tok,
-        )
+        make_trainer(with_known(known))
 
 
-def test_known_column_survives_packing(tmp_path, tok):
-    data = make_mcq_dataset(12, seed=21, known=True)
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=calib_config(tmp_path, packing=True, max_length=300),
-        train_dataset=data,
-        processing_class=tok,
-    )
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert "known" in batch
-    assert batch["known"].shape == batch["input_ids"].shape
-    assert set(batch["known"].unique().tolist()) == {0.0, 1.0}
-
-
-def test_packing_an_iterable_dataset_with_flags_is_refused(tmp_path, tok):
+def test_packing_an_iterable_dataset_with_flags_is_refused(make_trainer):
     rows = with_known([1, 0, 1, 0]).to_list()
     data = IterableDataset.from_generator(lambda: iter(rows))
     with pytest.raises(
@@ -169,12 +98,7 @@ def test_packing_an_iterable_dataset_with_flags_is_refused(tmp_path, tok):
         match=r"Packing an `IterableDataset` would drop its `known` column; pack a "
         r"`datasets\.Dataset`, or disable packing",
     ):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path, packing=True, max_length=300, max_steps=1),
-            train_dataset=data,
-            processing_class=tok,
-        )
+        make_trainer(data, packing=True, max_length=300, max_steps=1)
 
 
 # -- multiple-choice rows ---------------------------------------------------------------------------------------------
@@ -192,22 +116,22 @@ def test_packing_an_iterable_dataset_with_flags_is_refused(tmp_path, tok):
     ],
     ids=["index-too-large", "negative-index", "letter-too-large", "two-letters", "none", "float"],
 )
-def test_answer_not_among_the_options(tmp_path, tok, answers, message):
+def test_answer_not_among_the_options(make_trainer, answers, message):
     data = make_mcq_dataset(3).remove_columns("answer").add_column("answer", answers)
     with pytest.raises(ValueError, match=message):
         validate_mcq_dataset(data, name="train dataset")
     with pytest.raises(ValueError, match=message):
-        RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path), train_dataset=data, processing_class=tok)
+        make_trainer(data, RCFTTrainer)
 
 
-def test_too_few_choices(tok):
+def test_too_few_choices():
     rows = make_mcq_dataset(2).to_list()
     rows[0]["choices"] = ["only one"]
     with pytest.raises(ValueError, match=r"`choices` \(row 0\) must be a list of 2 to 26 option texts"):
         validate_mcq_dataset(Dataset.from_list(rows))
 
 
-def test_option_letters_split_over_several_tokens(tmp_path, tok):
+def test_option_letters_split_over_several_tokens(make_trainer, tok):
     # A plain prompt ending in "Answer:" with the completion " B": the character-level tokenizer makes " " and "B" two
     # tokens, so the answer position holds a space, not a letter
     data = make_mcq_dataset(4, seed=1, conversational=False)
@@ -221,7 +145,7 @@ def test_option_letters_split_over_several_tokens(tmp_path, tok):
     with pytest.raises(ValueError, match=message):
         score_multiple_choice(make_model(len(tok)), tok, data, progress=False)
     with pytest.raises(ValueError, match=message):
-        RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path), train_dataset=data, processing_class=tok)
+        make_trainer(data, RCFTTrainer)
     # the fix the message suggests works: the space ends the prompt, the completion is the bare letter
     fixed = Dataset.from_list(
         [{**row, "prompt": row["prompt"] + " ", "completion": row["completion"].strip()} for row in data]
@@ -250,7 +174,7 @@ def test_option_letter_merging_with_the_prompt(tok):
         option_token_ids(Merging(), "Question?\n", 2, completion="A")
 
 
-def test_prompts_that_truncation_would_cut_off(tmp_path, tok, caplog):
+def test_prompts_that_truncation_would_cut_off(make_trainer, tok, caplog):
     data = make_mcq_dataset(4, seed=3)  # prompts of 95 to 109 tokens
     with pytest.raises(
         ValueError,
@@ -264,50 +188,32 @@ def test_prompts_that_truncation_would_cut_off(tmp_path, tok, caplog):
         match=r"2 of the 4 rows of the train dataset have prompts too long for "
         r"`max_length=100`: truncation cuts off their answer position",
     ):
-        RCFTTrainer(
-            model=make_model(len(tok)),
-            args=rcft_config(tmp_path, max_length=100),
-            train_dataset=data,
-            processing_class=tok,
-        )
+        make_trainer(data, RCFTTrainer, max_length=100)
     # RCFT, loss on the whole sequence: the rows are kept, without their answer position
     with pytest.raises(
         ValueError,
         match=r"Row \d of the train dataset cannot get RCFT's ECE term: its answer position "
         r"\(\d+\) is outside the 100 tokens kept \(`max_length=100` cuts it off\)",
     ):
-        RCFTTrainer(
-            model=make_model(len(tok)),
-            args=rcft_config(tmp_path, max_length=100, sft_loss="prompt_and_completion"),
-            train_dataset=data,
-            processing_class=tok,
-        )
+        make_trainer(data, RCFTTrainer, max_length=100, sft_loss="prompt_and_completion")
     # `invalid_rows="exclude"` trains them with the SFT loss only, and says how many
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        trainer = RCFTTrainer(
-            model=make_model(len(tok)),
-            args=rcft_config(tmp_path, max_length=100, invalid_rows="exclude"),
-            train_dataset=data,
-            processing_class=tok,
-        )
-    assert trainer._excluded_rows == 2
+        trainer = make_trainer(data, RCFTTrainer, max_length=100, invalid_rows="exclude", max_steps=1, logging_steps=1)
     assert "2 of the 4 rows of the train dataset were dropped" in caplog.text
+    assert len(trainer.train_dataset) == 2
+    trainer.train()
+    assert [h["rcft/excluded_rows"] for h in trainer.state.log_history if "loss" in h] == [2]
     # CogCalib: the dropped rows are reported too
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path, max_length=100),
-            train_dataset=data.add_column("known", [1, 0, 1, 0]),
-            processing_class=tok,
-        )
+        make_trainer(data.add_column("known", [1, 0, 1, 0]), max_length=100)
     assert (
         "2 of the 4 rows of the train dataset were dropped: `max_length=100` truncation left them without any "
         "completion token" in caplog.text
     )
 
 
-def test_rcft_needs_a_dataset_with_choices(tmp_path, tok):
+def test_rcft_needs_a_dataset_with_choices(make_trainer):
     rows = make_mcq_dataset(4).to_list()
     iterable = IterableDataset.from_generator(lambda: iter(rows))
     with pytest.raises(
@@ -315,43 +221,30 @@ def test_rcft_needs_a_dataset_with_choices(tmp_path, tok):
         match=r"RCFT needs a `datasets\.Dataset` \(an `IterableDataset` cannot be scored by "
         r"the E-step\)",
     ):
-        RCFTTrainer(
-            model=make_model(len(tok)), args=rcft_config(tmp_path), train_dataset=iterable, processing_class=tok
-        )
+        make_trainer(iterable, RCFTTrainer)
     with pytest.raises(
         ValueError,
         match=r"The train dataset is missing the column\(s\) \['choices'\]; a "
         r"multiple-choice dataset needs \['prompt', 'choices', 'answer', 'completion'\]",
     ):
-        RCFTTrainer(
-            model=make_model(len(tok)),
-            args=rcft_config(tmp_path),
-            train_dataset=make_mcq_dataset(4).remove_columns("choices"),
-            processing_class=tok,
-        )
+        make_trainer(make_mcq_dataset(4).remove_columns("choices"), RCFTTrainer)
     with pytest.raises(ValueError, match=r"`train_dataset` is required"):
-        RCFTTrainer(model=make_model(len(tok)), args=rcft_config(tmp_path), processing_class=tok)
+        make_trainer(None, RCFTTrainer)
 
 
 # -- online detection -------------------------------------------------------------------------------------------------
 
 
-def test_online_detection_needs_a_calibration_dataset(tmp_path, tok):
+def test_online_detection_needs_a_calibration_dataset(make_trainer):
     message = (
         r"Online detection \(`detection='online'`\) needs a non-empty `calibration_dataset` passed to the trainer"
     )
     for calibration in (None, make_mcq_dataset(2).select([])):
         with pytest.raises(ValueError, match=message):
-            CalibSFTTrainer(
-                model=make_model(len(tok)),
-                args=calib_config(tmp_path, detection="online"),
-                train_dataset=make_mcq_dataset(4),
-                processing_class=tok,
-                calibration_dataset=calibration,
-            )
+            make_trainer(make_mcq_dataset(4), detection="online", calibration_dataset=calibration)
 
 
-def test_online_detection_with_another_kind_of_calibration_data(tmp_path, tok, caplog):
+def test_online_detection_with_another_kind_of_calibration_data(make_trainer, caplog):
     open_ended = Dataset.from_list(
         [
             {"prompt": [{"role": "user", "content": f"Say {w}"}], "completion": [{"role": "assistant", "content": w}]}
@@ -359,17 +252,107 @@ def test_online_detection_with_another_kind_of_calibration_data(tmp_path, tok, c
         ]
     )
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path, detection="online"),
-            train_dataset=make_mcq_dataset(4),
-            processing_class=tok,
-            calibration_dataset=open_ended,
-        )
+        make_trainer(make_mcq_dataset(4), detection="online", calibration_dataset=open_ended)
     assert (
         "Online detection compares the training NLL (answer letter) with a threshold fitted on open-ended "
         "calibration rows"
     ) in caplog.text
+
+
+# -- set-ups the terms cannot follow ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def parallelism(monkeypatch):
+    """
+    Makes the accelerator of the next trainer report `parallelism["config"]`: accelerate's `ParallelismConfig` with
+    context or sequence parallelism needs several processes to set up, but the trainers only read it.
+    """
+    from accelerate import Accelerator
+    from transformers import Trainer
+
+    chosen = {}
+    reported = Accelerator.parallelism_config
+    monkeypatch.setattr(
+        Accelerator,
+        "parallelism_config",
+        property(lambda self: self.__dict__.get("_test_parallelism") or reported.fget(self)),
+    )
+    create = Trainer.create_accelerator_and_postprocess
+
+    def create_and_report(self):
+        create(self)
+        self.accelerator._test_parallelism = chosen.get("config")
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create_and_report)
+    return chosen
+
+
+@pytest.mark.parametrize("sharding", [dict(cp_size=2), dict(sp_size=2)], ids=["context", "sequence"])
+def test_context_and_sequence_parallelism_are_refused(make_trainer, parallelism, sharding):
+    from accelerate.parallelism_config import ParallelismConfig
+
+    parallelism["config"] = ParallelismConfig(**sharding)
+    message = (
+        r"Context and sequence parallelism shard each sequence across processes, and calib-trl's per-token flags "
+        r"\(known, answer positions\) and per-example answer NLLs are not sharded with it"
+    )
+    for trainer_class, data, settings in (
+        (CalibSFTTrainer, make_mcq_dataset(4, known=True), {}),  # per-token known flags
+        (CalibSFTTrainer, make_mcq_dataset(4), dict(detection="online", calibration_dataset=make_mcq_dataset(4))),
+        (RCFTTrainer, make_mcq_dataset(4), {}),  # per-token answer positions
+    ):
+        with pytest.raises(NotImplementedError, match=message):
+            make_trainer(data, trainer_class, **settings)
+    # without the calibration terms nothing is carried per token: `SFTTrainer`'s own set-up
+    trainer = make_trainer(make_mcq_dataset(4, known=True), calibration_loss="none")
+    assert trainer.accelerator.parallelism_config is parallelism["config"]
+
+
+def test_prompt_learning_that_the_terms_cannot_follow_is_refused(make_trainer):
+    from peft import CPTConfig, PrefixTuningConfig, PromptTuningConfig
+
+    data = make_mcq_dataset(4, known=True)
+    with pytest.raises(
+        ValueError,
+        match=r"CPT trains on the context tokens it prepends to each sequence, which have no known flags; calib-trl's "
+        r"calibration terms support prompt tuning, p-tuning and prefix tuning",
+    ):
+        make_trainer(data, peft_config=CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7]))
+    make_trainer(data, calibration_loss="none", peft_config=CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7]))
+    # RCFT's ECE term with virtual tokens before the answer positions
+    with pytest.raises(
+        ValueError,
+        match=r"RCFT's ECE term reads the option-letter logits at each answer position, which prompt-learning virtual "
+        r"tokens shift; it is not aligned with them yet\. Use LoRA, prefix tuning, or `ece_weight=0` \(CFT\)",
+    ):
+        make_trainer(data, RCFTTrainer, peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    # the ways out the message names
+    make_trainer(
+        data, RCFTTrainer, ece_weight=0.0, peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    make_trainer(data, RCFTTrainer, peft_config=PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+
+
+@pytest.mark.parametrize("strategy", ["wrapped", "bfd_split"])
+def test_packing_that_cuts_examples_is_refused_where_examples_must_stay_whole(make_trainer, strategy):
+    packing = dict(packing=True, packing_strategy=strategy, max_length=160)
+    with pytest.raises(
+        ValueError,
+        match=rf"Online detection needs each example's tokens together; `packing_strategy='{strategy}'` cuts examples "
+        r"across packed rows\. Use `packing_strategy='bfd'`, or precomputed detection",
+    ):
+        make_trainer(make_mcq_dataset(8), detection="online", calibration_dataset=make_mcq_dataset(4), **packing)
+    message = (
+        rf"Reading option-letter logits needs each question whole: `packing_strategy='{strategy}'` can cut a question "
+        r"off its answer\. Use `packing_strategy='bfd'`"
+    )
+    with pytest.raises(ValueError, match=message):
+        make_trainer(make_mcq_dataset(8), RCFTTrainer, **packing)
+    with pytest.raises(ValueError, match=message):
+        make_trainer(make_mcq_dataset(8, known=True), calibration_space="options", **packing)
+    # what needs no whole example packs with any strategy: precomputed flags on the vocabulary
+    make_trainer(make_mcq_dataset(8, known=True), **packing)
 
 
 # -- non-finite losses ------------------------------------------------------------------------------------------------
@@ -396,14 +379,9 @@ def _nan_at_call(monkeypatch, module, name, bad_calls):
     monkeypatch.setattr(module, name, patched)
 
 
-def test_nonfinite_loss_raises_by_default(tmp_path, tok, monkeypatch):
+def test_nonfinite_loss_raises_by_default(make_trainer, monkeypatch):
     _nan_at_call(monkeypatch, calib_trl.calib_sft_trainer, "calibration_term", {1})
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=calib_config(tmp_path, max_steps=3, apply_to="all"),
-        train_dataset=make_mcq_dataset(6),
-        processing_class=tok,
-    )
+    trainer = make_trainer(make_mcq_dataset(6), per_device_train_batch_size=2, max_steps=3, apply_to="all")
     with pytest.raises(
         FloatingPointError,
         match=r"The train loss is nan at step 1 \(on this or another process\)\. Lower the learning rate, check the "
@@ -412,24 +390,22 @@ def test_nonfinite_loss_raises_by_default(tmp_path, tok, monkeypatch):
         trainer.train()
 
 
-def test_nonfinite_loss_from_an_infinite_weight(tmp_path, tok):
-    model = make_model(len(tok))
-    with torch.no_grad():
-        model.model.norm.weight[0] = float("inf")
-    trainer = CalibSFTTrainer(
-        model=model,
-        args=calib_config(tmp_path, max_steps=1, calibration_loss="ecp"),
-        train_dataset=make_mcq_dataset(4, known=True),
-        processing_class=tok,
-    )
-    with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 0"):
-        trainer.train()
-
-
 def _infinite_norm(model):
     with torch.no_grad():
         model.model.norm.weight[0] = float("inf")
     return model
+
+
+def test_nonfinite_loss_from_an_infinite_weight(make_trainer, tok):
+    trainer = make_trainer(
+        make_mcq_dataset(4, known=True),
+        model=_infinite_norm(make_model(len(tok))),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        calibration_loss="ecp",
+    )
+    with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 0"):
+        trainer.train()
 
 
 @pytest.mark.parametrize(
@@ -440,19 +416,20 @@ def _infinite_norm(model):
         (RCFTTrainer, dict(ece_weight=0.0)),  # CFT
     ],
 )
-def test_nonfinite_loss_is_caught_with_calibration_off(tmp_path, tok, trainer_class, settings):
-    make_config = rcft_config if trainer_class is RCFTTrainer else calib_config
-    trainer = trainer_class(
+def test_nonfinite_loss_is_caught_with_calibration_off(make_trainer, tok, trainer_class, settings):
+    trainer = make_trainer(
+        make_mcq_dataset(4),
+        trainer_class,
         model=_infinite_norm(make_model(len(tok))),
-        args=make_config(tmp_path, max_steps=1, **settings),
-        train_dataset=make_mcq_dataset(4),
-        processing_class=tok,
+        per_device_train_batch_size=2,
+        max_steps=1,
+        **settings,
     )
     with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 0"):
         trainer.train()
 
 
-def test_nonfinite_guard_runs_once_per_micro_batch_when_rcft_and_cogcalib_combine(tmp_path, tok, monkeypatch):
+def test_nonfinite_guard_runs_once_per_micro_batch_when_rcft_and_cogcalib_combine(make_trainer, monkeypatch):
     calls = []
     guard = RCFTTrainer._guard_nonfinite
 
@@ -461,61 +438,53 @@ def test_nonfinite_guard_runs_once_per_micro_batch_when_rcft_and_cogcalib_combin
         return guard(self, loss, model)
 
     monkeypatch.setattr(RCFTTrainer, "_guard_nonfinite", counting)
-    trainer = RCFTTrainer(
-        model=make_model(len(tok)),
-        args=CalibRCFTConfig(
-            str(tmp_path),
-            **{**COMMON, "max_length": 1024, "estep_batch_size": 8},
-            max_steps=2,
-            gradient_accumulation_steps=2,
-            calibration_loss="ecp",
-        ),
-        train_dataset=make_mcq_dataset(8, known=True),
-        processing_class=tok,
+    trainer = make_trainer(
+        make_mcq_dataset(8, known=True),
+        RCFTTrainer,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        gradient_accumulation_steps=2,
+        calibration_loss="ecp",
     )
     trainer.train()
     assert calls == [0, 0, 1, 1]  # 2 steps of 2 micro-batches
 
 
-def test_nonfinite_rcft_loss_raises_or_is_skipped(tmp_path, tok, monkeypatch):
+def test_nonfinite_rcft_loss_raises_or_is_skipped(make_trainer, monkeypatch):
     _nan_at_call(monkeypatch, calib_trl.rcft_trainer, "rcft_ece_loss", {0, 1})  # each trainer's first step
-    trainer = RCFTTrainer(
-        model=make_model(len(tok)),
-        args=rcft_config(tmp_path, max_steps=1),
-        processing_class=tok,
-        train_dataset=make_mcq_dataset(4),
-    )
+    trainer = make_trainer(make_mcq_dataset(4), RCFTTrainer, per_device_train_batch_size=2, max_steps=1)
     with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 0"):
         trainer.train()
-    trainer = RCFTTrainer(
-        model=make_model(len(tok)),
-        processing_class=tok,
-        train_dataset=make_mcq_dataset(4),
-        args=rcft_config(tmp_path, max_steps=2, nonfinite_loss="skip", logging_steps=1),
+    trainer = make_trainer(
+        make_mcq_dataset(4),
+        RCFTTrainer,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        nonfinite_loss="skip",
+        logging_steps=1,
     )
     trainer.train()
-    assert trainer._skipped_steps == 1
     assert [h["calib/skipped_steps"] for h in trainer.state.log_history if "loss" in h] == [1, 1]
 
 
-def test_nonfinite_loss_skip_leaves_the_parameters_unchanged(tmp_path, tok, monkeypatch):
+def test_nonfinite_loss_skip_leaves_the_parameters_unchanged(make_trainer, monkeypatch):
     _nan_at_call(monkeypatch, calib_trl.calib_sft_trainer, "calibration_term", {1})
     snapshots = ParameterSnapshots()
     # plain SGD: an update is exactly the step's gradient, so a skipped step leaves every parameter as it was
-    args = calib_config(
-        tmp_path, max_steps=4, nonfinite_loss="skip", optim="sgd", learning_rate=0.1, logging_steps=1, apply_to="all"
-    )
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=args,
-        train_dataset=make_mcq_dataset(8),
-        processing_class=tok,
+    trainer = make_trainer(
+        make_mcq_dataset(8),
         callbacks=[snapshots],
+        per_device_train_batch_size=2,
+        max_steps=4,
+        nonfinite_loss="skip",
+        optim="sgd",
+        learning_rate=0.1,
+        logging_steps=1,
+        apply_to="all",
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert trainer.state.global_step == 4
-    assert trainer._skipped_steps == 1
     after = snapshots.after_step
 
     def changed(a, b):
@@ -594,59 +563,44 @@ def test_invalid_rcft_hyperparameters(tmp_path, kwargs, message):
 
 
 def test_valid_edge_values_are_accepted(tmp_path):
-    config = CalibSFTConfig(str(tmp_path), report_to=[], ls_epsilon=0.0, mbls_margin=0.0, calibration_weight=1.0)
-    assert config.ls_epsilon == 0.0 and config.has_calibration_term
-    assert not CalibSFTConfig(str(tmp_path), report_to=[], calibration_weight=0.0).has_calibration_term
+    # the ends of each range are valid (no error); what a zero calibration weight trains is tested in
+    # test_calib_sft_trainer.py
+    CalibSFTConfig(str(tmp_path), report_to=[], ls_epsilon=0.0, mbls_margin=0.0, calibration_weight=1.0)
+    CalibSFTConfig(str(tmp_path), report_to=[], calibration_weight=0.0)
     config = RCFTConfig(str(tmp_path), report_to=[], n_bins=2, ece_weight=1.0, bin_refresh=7, estep_samples=None)
-    assert config.bin_refresh == "7"
+    assert config.bin_refresh == "7"  # a number of steps, as `bin_refresh="7"` gives it
 
 
-def test_wrong_config_class_and_incompatible_sft_options(tmp_path, tok):
+def test_wrong_config_class_and_incompatible_sft_options(make_trainer, tmp_path):
     with pytest.raises(
         TypeError,
         match=r"`args` must be an instance of `CalibSFTConfig`, `trl\.SFTConfig` or `TrainingArguments`, got dict",
     ):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args={"output_dir": str(tmp_path)},
-            train_dataset=with_known([1, 0]),
-            processing_class=tok,
-        )
+        make_trainer(with_known([1, 0]), args={"output_dir": str(tmp_path)})
     with pytest.raises(
         TypeError,
         match=r"`args` must be an instance of `RCFTConfig`, got CalibSFTConfig, which configures another calib-trl "
         r"trainer",
     ):
-        RCFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path),
-            train_dataset=make_mcq_dataset(2),
-            processing_class=tok,
-        )
+        make_trainer(make_mcq_dataset(2), RCFTTrainer, args=make_config(CalibSFTConfig, tmp_path))
     with pytest.raises(
         ValueError,
         match=r"`label_smoothing_factor` and `compute_loss_func` replace the fused LM head's "
         r"loss and cannot be combined with a calibration loss",
     ):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=calib_config(tmp_path, label_smoothing_factor=0.1),
-            train_dataset=with_known([1, 0]),
-            processing_class=tok,
-        )
+        make_trainer(with_known([1, 0]), label_smoothing_factor=0.1)
 
 
-def test_formatting_func_is_refused_by_rcft(tmp_path, tok):
+def test_formatting_func_is_refused_by_rcft(make_trainer):
     with pytest.raises(
         ValueError,
         match=r"RCFT needs prompt/completion rows to find the answer position; a "
         r"`formatting_func` turns them into plain text",
     ):
-        RCFTTrainer(
-            model=make_model(len(tok)),
-            args=rcft_config(tmp_path, sft_loss="prompt_and_completion"),
-            train_dataset=make_mcq_dataset(2),
-            processing_class=tok,
+        make_trainer(
+            make_mcq_dataset(2),
+            RCFTTrainer,
+            sft_loss="prompt_and_completion",
             formatting_func=lambda row: row["prompt"][0]["content"],
         )
 

@@ -1,14 +1,23 @@
 """CalibSFTTrainer: losses and gradients against a full-logits reference, in padded, padding-free and packed batches."""
 
 import copy
+import logging
 
 import pytest
 import torch
-from helpers import make_mcq_dataset, make_model, make_tokenizer
+from helpers import (
+    QUIET,
+    grads,
+    letter_ids,
+    make_mcq_dataset,
+    make_model,
+    mixed_choices_dataset,
+    option_reference_loss,
+    reference_loss,
+)
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from trl import SFTConfig, SFTTrainer
 
-from calib_trl import CalibSFTConfig, CalibSFTTrainer
 from calib_trl.trainer_mixin import ANSWER_COLUMN
 
 MODES = {
@@ -18,78 +27,17 @@ MODES = {
 }
 
 
-def config(tmp_path, mode="padded", **kwargs):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        shuffle_dataset=False,
-    )
-    base.update(MODES[mode])
-    base.update(kwargs)
-    return CalibSFTConfig(**base)
-
-
 def first_batch(trainer):
     batch = next(iter(trainer.get_train_dataloader()))
     return {k: v for k, v in batch.items()}
 
 
-def reference_loss(model, batch, args, num_items, virtual_tokens=0):
-    """
-    The CogCalib loss from the full `[B, T, V]` logits, written literally from the method definitions. With
-    prompt-learning PEFT, the logits also cover the `virtual_tokens` positions it prepends, whose labels are -100.
-    """
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "known")}
-    logits = model(**inputs, use_cache=False).logits.float()[:, :-1]
-    labels = batch["labels"]
-    known = batch["known"] if "known" in batch else torch.zeros_like(labels, dtype=torch.float)
-    if virtual_tokens:
-        labels = torch.cat([labels.new_full((labels.shape[0], virtual_tokens), -100), labels], dim=1)
-        known = torch.cat([known.new_zeros((known.shape[0], virtual_tokens)), known], dim=1)
-    assert logits.shape[1] == labels.shape[1] - 1
-    labels = labels[:, 1:]
-    mask = labels != -100
-    known = known[:, 1:] > 0.5
-    selected = mask & (known if args.apply_to == "known" else torch.ones_like(mask))
-    logp = logits.log_softmax(-1)
-    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    if args.calibration_loss == "ls":
-        eps = args.ls_epsilon
-        method = (1 - eps) * nll + eps * (-logp).mean(-1)
-    elif args.calibration_loss == "mbls":
-        top = logits.max(-1, keepdim=True).values
-        method = nll + args.mbls_lambda * (top - logits - args.mbls_margin).clamp(min=0).mean(-1)
-    elif args.calibration_loss == "ecp":
-        entropy = -(logp.exp() * logp).sum(-1)
-        method = nll - args.ecp_beta * entropy
-    else:
-        method = nll
-    per_token = torch.where(selected, nll + args.calibration_weight * (method - nll), nll)
-    return (per_token * mask).sum() / num_items
-
-
-def grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-
-
-def run_both(tmp_path, mode, peft=False, virtual_tokens=0, **kwargs):
-    tok = make_tokenizer()
+def run_both(make_trainer, mode, peft=False, virtual_tokens=0, model=None, **kwargs):
     data = make_mcq_dataset(12, seed=1, known=True)
-    model = make_model(len(tok), seed=3)
-    args = config(tmp_path, mode, **kwargs)
     if peft is True:
         peft = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    trainer = CalibSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        peft_config=peft or None,
-    )
+    trainer = make_trainer(data, model=model, model_seed=3, peft_config=peft or None, **MODES[mode], **kwargs)
+    args = trainer.args
     batch = first_batch(trainer)
     if args.apply_to == "known":
         assert batch["known"].shape == batch["input_ids"].shape
@@ -118,10 +66,16 @@ def trainer_loss_and_grads(trainer, batch):
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("method", ["ls", "mbls", "ecp"])
-def test_loss_and_gradients_match_full_logits_reference(tmp_path, mode, method):
+def test_loss_and_gradients_match_full_logits_reference(make_trainer, mode, method):
     # mbls with a margin small enough that many logits are inside and outside it
     loss, ref, fused, reference, batch = run_both(
-        tmp_path, mode, calibration_loss=method, mbls_margin=2.0, ls_epsilon=0.3, ecp_beta=0.7, calibration_weight=0.8
+        make_trainer,
+        mode,
+        calibration_loss=method,
+        mbls_margin=2.0,
+        ls_epsilon=0.3,
+        ecp_beta=0.7,
+        calibration_weight=0.8,
     )
     known = batch["known"][:, 1:][batch["labels"][:, 1:] != -100]
     assert 0 < known.sum() < known.numel(), "the batch must mix known and unknown tokens"
@@ -133,8 +87,10 @@ def test_loss_and_gradients_match_full_logits_reference(tmp_path, mode, method):
 
 
 @pytest.mark.parametrize("method", ["ls", "mbls", "ecp"])
-def test_lora_gradients_match_reference(tmp_path, method):
-    loss, ref, fused, reference, _ = run_both(tmp_path, "padded", peft=True, calibration_loss=method, mbls_margin=2.0)
+def test_lora_gradients_match_reference(make_trainer, method):
+    loss, ref, fused, reference, _ = run_both(
+        make_trainer, "padded", peft=True, calibration_loss=method, mbls_margin=2.0
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     lora = [n for n in fused if "lora_" in n]
     assert lora, "LoRA parameters must receive gradient"
@@ -151,11 +107,11 @@ PROMPT_LEARNING = {
 
 @pytest.mark.parametrize("peft", list(PROMPT_LEARNING))
 @pytest.mark.parametrize("method", ["ls", "mbls", "ecp"])
-def test_prompt_learning_matches_reference(tmp_path, method, peft):
+def test_prompt_learning_matches_reference(make_trainer, method, peft):
     # The virtual tokens shift the fused head's outputs against the batch's labels and flags
     peft_config, virtual_tokens = PROMPT_LEARNING[peft]
     loss, ref, fused, reference, batch = run_both(
-        tmp_path,
+        make_trainer,
         "padded",
         peft=copy.deepcopy(peft_config),
         virtual_tokens=virtual_tokens,
@@ -170,37 +126,30 @@ def test_prompt_learning_matches_reference(tmp_path, method, peft):
         torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_apply_to_all_matches_reference(tmp_path):
-    loss, ref, fused, reference, _ = run_both(tmp_path, "padding_free", calibration_loss="ls", apply_to="all")
+def test_apply_to_all_matches_reference(make_trainer):
+    loss, ref, fused, reference, _ = run_both(make_trainer, "padding_free", calibration_loss="ls", apply_to="all")
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     for name in fused:
         torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["padded", "padding_free"])
-def test_calibration_loss_none_reproduces_sft_trainer_exactly(tmp_path, mode):
-    tok = make_tokenizer()
+def test_calibration_loss_none_reproduces_sft_trainer_exactly(make_trainer, tok, tmp_path, mode):
     data = make_mcq_dataset(12, seed=2, known=True)
-    calib = CalibSFTTrainer(
-        model=make_model(len(tok), seed=5),
-        args=config(tmp_path / "a", mode, calibration_loss="none", max_steps=3),
-        train_dataset=data,
-        processing_class=tok,
-    )
-    kwargs = dict(
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        shuffle_dataset=False,
+    calib = make_trainer(
+        data,
+        model_seed=5,
+        output_dir=tmp_path / "a",
+        calibration_loss="none",
         max_steps=3,
-        bf16=False,
+        logging_steps=1,
         **MODES[mode],
     )
     sft = SFTTrainer(
         model=make_model(len(tok), seed=5),
-        args=SFTConfig(str(tmp_path / "b"), **kwargs),
+        args=SFTConfig(
+            str(tmp_path / "b"), **QUIET, per_device_train_batch_size=4, max_steps=3, logging_steps=1, **MODES[mode]
+        ),
         train_dataset=data.remove_columns("known"),
         processing_class=tok,
     )
@@ -208,20 +157,20 @@ def test_calibration_loss_none_reproduces_sft_trainer_exactly(tmp_path, mode):
     sft.train()
     losses_a = [h["loss"] for h in calib.state.log_history if "loss" in h]
     losses_b = [h["loss"] for h in sft.state.log_history if "loss" in h]
-    assert losses_a == losses_b
+    assert len(losses_a) == 3 and losses_a == losses_b
     for (n, a), (_, b) in zip(calib.model.named_parameters(), sft.model.named_parameters()):
         assert torch.equal(a, b), n
 
 
-def test_no_known_examples_equals_plain_cross_entropy(tmp_path):
-    tok = make_tokenizer()
-    data = make_mcq_dataset(12, seed=2, known=False)
-    with pytest.warns(UserWarning, match="No example of the train dataset is known"):
-        trainer = CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=config(tmp_path, calibration_loss="ecp"),
-            train_dataset=data,
-            processing_class=tok,
+@pytest.mark.parametrize("case", ["no_known_example", "zero_weight"])
+def test_no_calibration_term_equals_plain_cross_entropy(make_trainer, case):
+    # no example is known, or the known ones get the term with weight 0
+    if case == "no_known_example":
+        with pytest.warns(UserWarning, match="No example of the train dataset is known"):
+            trainer = make_trainer(make_mcq_dataset(12, seed=2, known=False), calibration_loss="ecp")
+    else:
+        trainer = make_trainer(
+            make_mcq_dataset(12, seed=2, known=True), calibration_loss="ecp", calibration_weight=0.0
         )
     batch = first_batch(trainer)
     num_items = int((batch["labels"][:, 1:] != -100).sum())
@@ -234,21 +183,19 @@ def test_no_known_examples_equals_plain_cross_entropy(tmp_path):
     torch.testing.assert_close(loss, ce / num_items, rtol=1e-5, atol=1e-6)
 
 
-def test_softcapped_head_falls_back_to_exact_chunked_terms(tmp_path, monkeypatch):
+def test_softcapped_head_falls_back_to_exact_chunked_terms(make_trainer, tok):
     # With final-logit soft-capping the LS identity does not hold: the exact chunked path must agree with the reference
-    import helpers
-
-    original = helpers.make_model
-    monkeypatch.setattr(helpers, "make_model", lambda *a, **k: _softcap(original(*a, **k)))
-    globals()["make_model"] = helpers.make_model
-    try:
-        for method in ("ls", "mbls"):
-            loss, ref, fused, reference, _ = run_both(tmp_path, "padded", calibration_loss=method, mbls_margin=1.0)
-            torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-            for name in fused:
-                torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6)
-    finally:
-        globals()["make_model"] = original
+    for method in ("ls", "mbls"):
+        loss, ref, fused, reference, _ = run_both(
+            make_trainer,
+            "padded",
+            model=_softcap(make_model(len(tok), seed=3)),
+            calibration_loss=method,
+            mbls_margin=1.0,
+        )
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        for name in fused:
+            torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6)
 
 
 def _softcap(model):
@@ -264,16 +211,16 @@ def _softcap(model):
     return model
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(make_trainer, tmp_path):
     # The hidden states are read from the backbone's output, outside the checkpointed layers
     results = []
     for checkpointing in (False, True):
-        tok = make_tokenizer()
-        trainer = CalibSFTTrainer(
-            model=make_model(len(tok), seed=3),
-            args=config(tmp_path / str(checkpointing), calibration_loss="ls", activation_checkpointing=checkpointing),
-            train_dataset=make_mcq_dataset(12, seed=1, known=True),
-            processing_class=tok,
+        trainer = make_trainer(
+            make_mcq_dataset(12, seed=1, known=True),
+            model_seed=3,
+            output_dir=tmp_path / str(checkpointing),
+            calibration_loss="ls",
+            activation_checkpointing=checkpointing,
         )
         if checkpointing:  # as `Trainer.train` does before its first step
             trainer.model.activation_checkpointing_enable()
@@ -289,24 +236,26 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
 
 
-def test_evaluate_reports_the_calibrated_loss(tmp_path):
-    tok = make_tokenizer()
+def test_evaluate_reports_the_calibrated_loss(make_trainer):
     evaluation = make_mcq_dataset(8, seed=9, known=True)
-    args = config(tmp_path, calibration_loss="ecp", ecp_beta=0.7, per_device_eval_batch_size=8)
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok), seed=3),
-        args=args,
-        train_dataset=make_mcq_dataset(8, known=True),
+    trainer = make_trainer(
+        make_mcq_dataset(8, known=True),
+        model_seed=3,
         eval_dataset=evaluation,
-        processing_class=tok,
+        calibration_loss="ecp",
+        ecp_beta=0.7,
+        per_device_eval_batch_size=8,
     )
     metrics = trainer.evaluate()
     batch = next(iter(trainer.get_eval_dataloader()))
+    labels = batch["labels"][:, 1:] != -100
     with torch.no_grad():
-        num_items = int((batch["labels"][:, 1:] != -100).sum())
-        ref = reference_loss(trainer.model.eval(), batch, args, num_items)
+        ref = reference_loss(trainer.model.eval(), batch, trainer.args, int(labels.sum()))
     assert metrics["eval_loss"] == pytest.approx(ref.item(), rel=1e-5)
-    assert 0 < metrics["eval_calib/known_fraction"] < 1
+    # the share of the evaluation loss tokens that get the term: those of the known rows
+    known = (batch["known"][:, 1:] > 0.5) & labels
+    assert 0 < known.sum() < labels.sum()
+    assert metrics["eval_calib/known_fraction"] == pytest.approx((known.sum() / labels.sum()).item())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,70 +263,18 @@ def test_evaluate_reports_the_calibrated_loss(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def option_reference_loss(model, batch, args, num_items, option_ids, known=None):
-    """
-    The option-space loss from the full `[B, T, V]` logits: cross-entropy on every token, plus, at the answer token of
-    each selected example, `calibration_weight * (L_method - NLL)` on the softmax over that row's option letters.
-    """
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "known", ANSWER_COLUMN)}
-    logits = model(**inputs, use_cache=False).logits.float()[:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    logp = logits.log_softmax(-1)
-    per_token = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    answers = batch[ANSWER_COLUMN][:, 1:]
-    if known is None:
-        known = batch["known"][:, 1:] > 0.5 if args.apply_to == "known" else torch.ones_like(mask)
-    picked = (answers > 0) & known & mask
-    assert picked.any()
-    terms = []
-    for r, t in picked.nonzero().tolist():
-        k = int(answers[r, t])
-        z = logits[r, t, option_ids[:k]]
-        y = option_ids.index(int(labels[r, t]))
-        lp = z.log_softmax(-1)
-        if args.calibration_loss == "ls":
-            method = (1 - args.ls_epsilon) * -lp[y] + args.ls_epsilon * (-lp).mean()
-            term = method - -lp[y]
-        elif args.calibration_loss == "mbls":
-            term = args.mbls_lambda * (z.max() - z - args.mbls_margin).clamp(min=0).mean()
-        else:
-            term = args.ecp_beta * (lp.exp() * lp).sum()
-        terms.append(((r, t), term))
-    extra = torch.zeros_like(per_token)
-    for (r, t), term in terms:
-        extra = extra.index_put((torch.tensor([r]), torch.tensor([t])), term.reshape(1), accumulate=True)
-    per_token = per_token + args.calibration_weight * extra
-    return (per_token * mask).sum() / num_items
-
-
-def mixed_choices_dataset(n=12, seed=1):
-    """Rows with 4 options and rows with 3, so that the softmax over each row's own options is exercised."""
-    from datasets import concatenate_datasets
-
-    return concatenate_datasets(
-        [
-            make_mcq_dataset(n // 2, seed=seed, known=True),
-            make_mcq_dataset(n - n // 2, seed=seed + 50, num_choices=3, known=True),
-        ]
-    ).shuffle(seed=seed)
-
-
-def run_options(tmp_path, mode, peft=False, online=False, **kwargs):
-    tok = make_tokenizer()
+def run_options(make_trainer, mode, peft=False, online=False, **kwargs):
     data = mixed_choices_dataset()
-    model = make_model(len(tok), seed=3)
     if online:
-        kwargs.update(detection="online")
+        kwargs.update(detection="online", calibration_dataset=make_mcq_dataset(16, seed=7))
     kwargs.setdefault("per_device_train_batch_size", 8)  # enough rows to mix known and unknown, 3 and 4 options
-    args = config(tmp_path, mode, calibration_space="options", **kwargs)
-    trainer = CalibSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.remove_columns("known") if online else data,
-        processing_class=tok,
+    trainer = make_trainer(
+        data.remove_columns("known") if online else data,
+        model_seed=3,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if peft else None,
-        calibration_dataset=make_mcq_dataset(16, seed=7) if online else None,
+        calibration_space="options",
+        **MODES[mode],
+        **kwargs,
     )
     batch = first_batch(trainer)
     assert batch[ANSWER_COLUMN].shape == batch["input_ids"].shape
@@ -391,9 +288,11 @@ def run_options(tmp_path, mode, peft=False, online=False, **kwargs):
         labels = batch["labels"][:, 1:]
         nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         answers = batch[ANSWER_COLUMN][:, 1:] > 0
+        # `compute_loss` was called outside `train()`, so nothing reached the logs: the threshold the detector fitted
+        # (in that call) is read off the detector itself
         known = answers & (nll <= trainer.detector.threshold)
         assert 0 < known.sum() < answers.sum(), "online detection must flag some answers known and some not"
-    ref = option_reference_loss(model, batch, args, num_items, list(trainer._option_ids), known=known)
+    ref = option_reference_loss(model, batch, trainer.args, num_items, letter_ids(trainer.processing_class), known)
     ref.backward()
     reference = grads(model)
     model.zero_grad()
@@ -409,9 +308,15 @@ def assert_matches(loss, ref, fused, reference):
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("method", ["ls", "mbls", "ecp"])
-def test_option_space_loss_and_gradients_match_full_logits_reference(tmp_path, mode, method):
+def test_option_space_loss_and_gradients_match_full_logits_reference(make_trainer, mode, method):
     loss, ref, fused, reference, batch = run_options(
-        tmp_path, mode, calibration_loss=method, mbls_margin=0.5, ls_epsilon=0.3, ecp_beta=0.7, calibration_weight=0.8
+        make_trainer,
+        mode,
+        calibration_loss=method,
+        mbls_margin=0.5,
+        ls_epsilon=0.3,
+        ecp_beta=0.7,
+        calibration_weight=0.8,
     )
     answers = batch[ANSWER_COLUMN] > 0
     known = batch["known"][answers]
@@ -422,16 +327,16 @@ def test_option_space_loss_and_gradients_match_full_logits_reference(tmp_path, m
 
 
 @pytest.mark.parametrize("apply_to", ["known", "all"])
-def test_option_space_with_lora_and_apply_to(tmp_path, apply_to):
-    assert_matches(*run_options(tmp_path, "padded", peft=True, calibration_loss="ecp", apply_to=apply_to)[:4])
+def test_option_space_with_lora_and_apply_to(make_trainer, apply_to):
+    assert_matches(*run_options(make_trainer, "padded", peft=True, calibration_loss="ecp", apply_to=apply_to)[:4])
 
 
-def test_option_space_with_online_detection(tmp_path):
+def test_option_space_with_online_detection(make_trainer):
     # threshold fitted on a small calibration set of the same (tiny, random) model
-    assert_matches(*run_options(tmp_path, "padding_free", online=True, calibration_loss="ls")[:4])
+    assert_matches(*run_options(make_trainer, "padding_free", online=True, calibration_loss="ls")[:4])
 
 
-def test_option_space_leaves_the_letters_share_of_the_vocabulary_to_cross_entropy(tmp_path):
+def test_option_space_leaves_the_letters_share_of_the_vocabulary_to_cross_entropy():
     # Adding the same constant to every option logit changes no option-space term: their gradient along the
     # direction "all option rows of the LM head together" is zero, so they cannot move mass off the letters.
     from calib_trl.losses import option_calibration_term
@@ -447,22 +352,18 @@ def test_option_space_leaves_the_letters_share_of_the_vocabulary_to_cross_entrop
         assert (grad[~valid] == 0).all(), method  # options a row does not have get nothing
 
 
-def test_option_space_needs_multiple_choice_data(tmp_path):
+def test_option_space_needs_multiple_choice_data(make_trainer, caplog):
     from datasets import Dataset
 
-    tok = make_tokenizer()
-    data = Dataset.from_list([{"prompt": "2+2=", "completion": " 4", "known": True}] * 4)
+    data = Dataset.from_list([{"prompt": "2+2=", "completion": " 4", "known": k} for k in (True, False) * 2])
     with pytest.raises(ValueError, match=r"`calibration_space='options'` .* needs multiple-choice rows"):
-        CalibSFTTrainer(
-            model=make_model(len(tok)),
-            args=config(tmp_path, calibration_space="options"),
-            train_dataset=data,
-            processing_class=tok,
-        )
-    auto = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=config(tmp_path, calibration_space="auto"),
-        train_dataset=data,
-        processing_class=tok,
-    )
-    assert auto._space == "vocabulary"
+        make_trainer(data, calibration_space="options")
+    # "auto" falls back to the whole vocabulary: the loss is the vocabulary-space loss
+    with caplog.at_level(logging.INFO, logger="calib_trl"):
+        auto = make_trainer(data, calibration_space="auto", calibration_loss="ls")
+    assert "calibration_space='auto': the calibration term acts on the whole vocabulary" in caplog.text
+    batch = first_batch(auto)
+    assert ANSWER_COLUMN not in batch
+    loss, _, num_items = trainer_loss_and_grads(auto, batch)
+    ref = reference_loss(auto.model, batch, auto.args, num_items)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)

@@ -1,11 +1,10 @@
 """CalibrationCallback: logs the calibration metrics through the trainer's loggers, saves diagrams, feeds the card."""
 
 import pytest
-from helpers import make_mcq_dataset, make_model, make_tokenizer
+from helpers import make_mcq_dataset, reference_option_scores
 from transformers import TrainerCallback
 
-from calib_trl import CalibrationCallback, CalibSFTConfig, CalibSFTTrainer, calibration_report
-from calib_trl.scoring import score_multiple_choice
+from calib_trl import CalibrationCallback, calibration_report
 
 
 class Recorder(TrainerCallback):
@@ -16,21 +15,9 @@ class Recorder(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-def test_callback_logs_saves_and_records(tmp_path):
-    tok = make_tokenizer()
+def test_callback_logs_saves_and_records(make_trainer, tok, tmp_path):
     train, evaluation = make_mcq_dataset(16, seed=1, known=True), make_mcq_dataset(10, seed=2)
-    args = CalibSFTConfig(
-        str(tmp_path),
-        calibration_loss="ecp",
-        max_steps=4,
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        logging_steps=1,
-    )
-    trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=train, processing_class=tok)
+    trainer = make_trainer(train, calibration_loss="ecp", max_steps=4, logging_steps=1)
     recorder = Recorder()
     trainer.add_callback(recorder)
     callback = CalibrationCallback(
@@ -42,9 +29,9 @@ def test_callback_logs_saves_and_records(tmp_path):
     assert [h["step"] for h in callback.history] == [0, 2, 4]
     logged = [log for log in recorder.logs if "calibration/toy/ece" in log]
     assert len(logged) == 3
-    # the last logged values are those of the final model
-    scores = score_multiple_choice(trainer.model, tok, evaluation, progress=False)
-    final = calibration_report(scores.probs, scores.labels)
+    # the last logged values are those of the final model, scored independently from its full logits
+    scores = reference_option_scores(trainer.model, tok, evaluation)
+    final = calibration_report(scores["probs"], scores["labels"])
     for key in ("accuracy", "ece", "cw_ece", "brier", "mean_confidence"):
         assert logged[-1][f"calibration/toy/{key}"] == pytest.approx(final[key])
     # regular training logs are untouched by the callback's entries
@@ -61,14 +48,8 @@ def test_callback_logs_saves_and_records(tmp_path):
     assert tuned["diagram"] == str(tmp_path / "calibration" / "reliability_toy_test_step4.png")
 
 
-def test_callback_rejects_bad_dataset(tmp_path):
-    tok = make_tokenizer()
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=CalibSFTConfig(str(tmp_path), calibration_loss="none", report_to=[], max_steps=1),
-        train_dataset=make_mcq_dataset(4),
-        processing_class=tok,
-    )
+def test_callback_rejects_bad_dataset(make_trainer):
+    trainer = make_trainer(make_mcq_dataset(4), calibration_loss="none", max_steps=1)
     with pytest.raises(ValueError, match="missing the column"):
         CalibrationCallback(trainer, make_mcq_dataset(4).remove_columns("answer"))
     with pytest.raises(ValueError, match="eval_steps"):

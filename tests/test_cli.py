@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 from datasets import load_from_disk
-from helpers import make_mcq_dataset, make_tokenizer
+from helpers import make_mcq_dataset, make_tokenizer, reference_option_scores
 from transformers import AutoModelForCausalLM
 
 from calib_trl import calibration_report
 from calib_trl.cli import main
-from calib_trl.reports import REPORT_METRICS, format_table
-from calib_trl.scoring import score_multiple_choice
+from calib_trl.knowledge import youden_threshold
+from calib_trl.reports import format_table
 
 
 def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
@@ -35,11 +35,11 @@ def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir
     printed = capsys.readouterr().out
     assert "accuracy" in printed.splitlines()[0] and "| ece |" in printed.splitlines()[0]
     result = json.loads((out / "calibration.json").read_text())
-    # the same numbers as scoring the split directly
+    # the numbers of the split scored independently, from the full logits
     data = load_from_disk(str(tiny_dataset_dir))["test"]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    scores = score_multiple_choice(model, make_tokenizer(), data, progress=False)
-    expected = calibration_report(scores.probs, scores.labels)
+    scores = reference_option_scores(model, make_tokenizer(), data)
+    expected = calibration_report(scores["probs"], scores["labels"])
     for key in ("accuracy", "ece", "brier", "cw_ece"):
         assert result["report"][key] == pytest.approx(expected[key])
     assert f"{expected['ece']:.4f}" in printed
@@ -54,11 +54,11 @@ def test_evaluate_reports_the_confidence_and_accuracy_gaps(tiny_model_dir, tiny_
     gaps = json.loads((out / "calibration.json").read_text())["gaps"]
     data = load_from_disk(str(tiny_dataset_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    test = score_multiple_choice(model, make_tokenizer(), data["test"], progress=False)
-    train = score_multiple_choice(model, make_tokenizer(), data["train"], progress=False)
-    assert gaps["confidence_gap"] == pytest.approx(abs(test.correct.mean() - test.confidences.mean()))
-    assert gaps["train_accuracy"] == pytest.approx(train.correct.mean())
-    assert gaps["accuracy_gap"] == pytest.approx(train.correct.mean() - test.correct.mean())
+    test = reference_option_scores(model, make_tokenizer(), data["test"])
+    train = reference_option_scores(model, make_tokenizer(), data["train"])
+    assert gaps["confidence_gap"] == pytest.approx(abs(test["correct"].mean() - test["confidences"].mean()))
+    assert gaps["train_accuracy"] == pytest.approx(train["correct"].mean())
+    assert gaps["accuracy_gap"] == pytest.approx(train["correct"].mean() - test["correct"].mean())
     assert f"= {gaps['confidence_gap']:.4f} (a lower bound on the ECE)" in printed
     assert f"train accuracy {gaps['train_accuracy']:.4f}: {gaps['accuracy_gap']:+.4f} over test" in printed
 
@@ -82,9 +82,19 @@ def test_detect_saves_flags(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
         == 0
     )
     flagged = load_from_disk(str(out))
-    assert len(flagged) == 24 and set(flagged["known"]) <= {True, False}
     report = json.loads((tmp_path / "flags_detection.json").read_text())
-    assert np.mean(flagged["known"]) == pytest.approx(report["known_fraction"])
+    # scored independently: each row's answer NLL is the full softmax's at its answer letter, and the threshold is
+    # the Youden threshold of the calibration split's NLLs against the model's own answers there
+    data = load_from_disk(str(tiny_dataset_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    train, calibration = (reference_option_scores(model, make_tokenizer(), data[s]) for s in ("train", "calibration"))
+    nll = {name: answer_nll(scores) for name, scores in (("train", train), ("calibration", calibration))}
+    np.testing.assert_allclose(flagged["answer_nll"], nll["train"], rtol=1e-4)
+    threshold = youden_threshold(nll["calibration"], calibration["correct"])[0]
+    assert report["threshold"] == pytest.approx(threshold, rel=1e-4)
+    known = nll["train"] <= threshold
+    assert 0 < known.sum() < len(known) and flagged["known"] == known.tolist()
+    assert report["known_fraction"] == pytest.approx(known.mean())
     jsonl = tmp_path / "flags.jsonl"
     assert (
         main(
@@ -104,6 +114,12 @@ def test_detect_saves_flags(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
     )
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["known"] for r in rows] == [r["answer_nll"] <= 3.0 for r in rows]
+
+
+def answer_nll(scores):
+    """The NLL of each row's answer letter under the full softmax: its share of the options times their mass."""
+    p = scores["probs"][np.arange(len(scores["labels"])), scores["labels"]]
+    return -np.log(scores["answer_mass"] * p)
 
 
 def test_report_compares_runs(tmp_path, capsys):
@@ -159,7 +175,6 @@ def test_format_table_shows_the_known_keys_present_in_order():
     }
     header, rule, row_a, row_b = format_table(rows, label="run").splitlines()
     assert header == "| run | n | accuracy | ece | answer_mass |"
-    assert list(REPORT_METRICS).index("ece") < list(REPORT_METRICS).index("answer_mass")
     assert rule.count("---") == 5
     assert row_a == "| a | 40 |  | 0.2500 | 0.5000 |"
     assert row_b == "| b | 8 | 0.7500 |  |  |"
@@ -187,7 +202,7 @@ def test_hub_id_offline_is_refused(monkeypatch, capsys):
 
 
 def test_evaluate_with_temperature_scaling(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
-    from calib_trl.temperature_scaling import fit_temperature
+    from calib_trl.temperature_scaling import apply_temperature, fit_temperature
 
     out = tmp_path / "ts"
     argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--output-dir", str(out)]
@@ -196,15 +211,19 @@ def test_evaluate_with_temperature_scaling(tiny_model_dir, tiny_dataset_dir, tmp
     result = json.loads((out / "calibration.json").read_text())
     data = load_from_disk(str(tiny_dataset_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    held_out = score_multiple_choice(model, make_tokenizer(), data["calibration"], progress=False)
-    t = fit_temperature(held_out.logits, held_out.labels)
+    # the temperature fitted on the calibration split's option logits, scored independently from the full logits
+    held_out = reference_option_scores(model, make_tokenizer(), data["calibration"])
+    t = fit_temperature(held_out["logits"], held_out["labels"])
     scaled = result["temperature_scaled"]
     assert scaled["temperature"] == pytest.approx(t) and scaled["fitted_on"] == "calibration"
-    test = score_multiple_choice(model, make_tokenizer(), data["test"], progress=False, lm_check=True)
-    for key, value in test.report(temperature=t).items():
-        assert scaled["report"][key] == pytest.approx(value), key
-    assert result["report"]["answer_mass"] == pytest.approx(test.report()["answer_mass"])
-    assert result["report"]["lm_nll"] == pytest.approx(test.lm_nll)
+    test = reference_option_scores(model, make_tokenizer(), data["test"])
+    checks = {"answer_mass": test["answer_mass"].mean(), "lm_nll": test["lm_nll"]}
+    expected = {**calibration_report(apply_temperature(test["logits"], t), test["labels"]), **checks, "temperature": t}
+    assert scaled["report"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert scaled["report"][key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
+    for key, value in checks.items():  # the same for the unscaled model: scaling changes the option softmax only
+        assert result["report"][key] == pytest.approx(value, rel=1e-5), key
     assert f"T={t:.3g}" in printed and "answer_mass" in printed and "lm_nll" in printed
     assert main([*argv, "--temperature", "0.5"]) == 0
     assert json.loads((out / "calibration.json").read_text())["temperature_scaled"]["temperature"] == 0.5

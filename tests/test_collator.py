@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers import make_mcq_dataset, make_model, make_tokenizer
+from helpers import make_mcq_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from calib_trl import CalibSFTConfig, CalibSFTTrainer, DataCollatorWithKnowledgeFlags
+from calib_trl import DataCollatorWithKnowledgeFlags
 
 EXAMPLES = [
     {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "known": True},
@@ -52,26 +52,15 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_flags_reach_compute_loss_intact(tmp_path, mode):
+def test_flags_reach_compute_loss_intact(make_trainer, tok, mode):
     """Every token that reaches `compute_loss` carries the flag of the example it comes from."""
-    tok = make_tokenizer()
     data = make_mcq_dataset(24, seed=21, known=True)
     flag_of = {}
     for row in data:
         text = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
         flag_of[text] = float(row["known"])
     assert 0 < sum(flag_of.values()) < len(flag_of)
-    args = CalibSFTConfig(
-        str(tmp_path),
-        calibration_loss="ls",
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        **MODES[mode],
-    )
-    trainer = CalibSFTTrainer(model=make_model(len(tok)), args=args, train_dataset=data, processing_class=tok)
+    trainer = make_trainer(data, calibration_loss="ls", **MODES[mode])
     seen = []
     original = trainer.compute_loss
 

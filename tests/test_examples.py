@@ -9,8 +9,12 @@ import sys
 import warnings
 
 import pytest
+from datasets import load_from_disk
+from helpers import make_tokenizer, reference_option_scores
 from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
 
+from calib_trl import calibration_report
 from calib_trl.loading import MissingSplitError
 from calib_trl.reports import report_keys
 from calib_trl.scripts import CalibScriptArguments, load_splits
@@ -56,9 +60,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def check_outputs(out, tag, stdout):
+def check_outputs(out, tag, stdout, model_dir, dataset_dir):
     result = json.loads((out / "calibration.json").read_text())
-    assert {"accuracy", "ece", "cw_ece", "brier"} <= set(result["report"]) and result["before"]["ece"] >= 0
+    assert {"accuracy", "ece", "cw_ece", "brier"} <= set(result["report"])
+    # "before": the base model on the evaluation rows (the first 6 of the test split), scored independently
+    base = reference_option_scores(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        make_tokenizer(),
+        load_from_disk(str(dataset_dir))["test"].select(range(6)),
+    )
+    expected = calibration_report(base["probs"], base["labels"])
+    for key in ("accuracy", "ece", "brier", "mean_confidence"):
+        assert result["before"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
     # the before/after table has the columns of `calib-trl evaluate`, row counts included
     assert "|  | " + " | ".join(report_keys([result["report"]])) + " |" in stdout and "| n |" in stdout
     assert (out / "reliability_before_after.png").stat().st_size > 1000
@@ -125,7 +138,7 @@ def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
     )
     assert "base / test" in stdout and "CogCalib / test" in stdout and "CogCalib / ood" in stdout
     assert "Knowledge detection" in stdout and "detection accuracy" in stdout
-    check_outputs(out, "cogcalib", stdout)
+    check_outputs(out, "cogcalib", stdout, tiny_model_dir, tiny_dataset_dir)
 
 
 @pytest.mark.distributed
@@ -165,7 +178,7 @@ def test_sft_cogcalib_example_with_config_under_accelerate_launch(tiny_model_dir
         tmp_path,
     )
     assert stdout.count("CogCalib / test") == 1  # printed by the main process only
-    check_outputs(out, "cogcalib", stdout)
+    check_outputs(out, "cogcalib", stdout, tiny_model_dir, tiny_dataset_dir)
 
 
 def test_rcft_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
@@ -187,7 +200,7 @@ def test_rcft_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
         tmp_path,
     )
     assert "RCFT / test" in stdout
-    check_outputs(out, "rcft", stdout)
+    check_outputs(out, "rcft", stdout, tiny_model_dir, tiny_dataset_dir)
 
 
 def test_detect_known_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
@@ -213,4 +226,7 @@ def test_detect_known_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
     )
     assert "detection accuracy" in stdout
     report = json.loads((out / "detection.json").read_text())
-    assert 0 <= report["known_fraction"] <= 1 and os.path.isdir(out / "train")
+    flagged = load_from_disk(str(out / "train"))
+    assert len(flagged) == 8
+    assert flagged["known"] == [nll <= report["threshold"] for nll in flagged["answer_nll"]]
+    assert report["known_fraction"] == pytest.approx(sum(flagged["known"]) / 8)

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 
-from calib_trl import CalibSFTConfig, CalibSFTTrainer, OnlineKnowledgeDetector, detect_known
+from calib_trl import OnlineKnowledgeDetector, detect_known
 from calib_trl.knowledge import style_adapt, youden_threshold
 from calib_trl.mcq import LETTERS
 from calib_trl.scoring import normalize_text, score_answers, score_completions
@@ -192,59 +192,61 @@ def test_online_detector_refit_and_state():
         OnlineKnowledgeDetector(None, tok)
 
 
+@pytest.mark.parametrize("answer_nll", ["first", "mean"])
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_online_flags_use_each_examples_answer_nll(tmp_path, padding_free):
-    tok = make_tokenizer()
+def test_online_flags_use_each_examples_answer_nll(make_trainer, padding_free, answer_nll):
+    # "first": each example's answer NLL is that of its first completion token (the answer letter); "mean": the mean
+    # NLL of its completion tokens (the letter and the end of turn). Both are read off the training forward.
     train, calib = make_mcq_dataset(8, seed=11), make_mcq_dataset(16, seed=12)
-    args = CalibSFTConfig(
-        str(tmp_path),
+    trainer = make_trainer(
+        train,
+        model_seed=13,
         calibration_loss="ecp",
         ecp_beta=0.5,
         detection="online",
+        answer_nll=answer_nll,
         per_device_train_batch_size=8,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        shuffle_dataset=False,
         padding_free=padding_free,
         max_length=None if padding_free else 1024,
-    )
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok), seed=13),
-        args=args,
-        train_dataset=train,
-        processing_class=tok,
         calibration_dataset=calib,
     )
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
-    trainer.detector.refit(model, 0)
-    # put the threshold in the middle of this batch's answer NLLs so that both kinds occur
-    nll, _ = score_answers(model, tok, train, progress=False)
-    trainer.detector.threshold = float(np.median(nll))
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
+    trainer.detector.refit(model, 0)  # fitted now, so that `compute_loss` does not re-fit over the threshold set below
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits[:, :-1].float()
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     logp = logits.log_softmax(-1)
     tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
-    # examples in order, each one's first completion token is its answer letter
-    per_token_known = torch.zeros_like(mask)
+    # examples in order: each one's completion is a run of loss tokens, the first of which is its answer letter
     flat_mask, flat_nll = mask.reshape(-1), tok_nll.reshape(-1)
     positions = flat_mask.nonzero().flatten().tolist()
-    starts = [p for k, p in enumerate(positions) if k == 0 or positions[k - 1] != p - 1]
-    flags = []
-    for s in starts:
-        known = flat_nll[s].item() <= trainer.detector.threshold
-        flags.append(known)
-        end = s
-        while end < flat_mask.numel() and flat_mask[end]:
-            per_token_known.view(-1)[end] = known
-            end += 1
+    starts = [k for k, p in enumerate(positions) if k == 0 or positions[k - 1] != p - 1]
+    runs = [positions[a:b] for a, b in zip(starts, starts[1:] + [len(positions)])]
+    assert len(runs) == 8 and all(len(run) > 1 for run in runs)
+    example_nll = {
+        "first": torch.stack([flat_nll[run[0]] for run in runs]),
+        "mean": torch.stack([flat_nll[run].mean() for run in runs]),
+    }
+    other = "mean" if answer_nll == "first" else "first"
+    # a threshold that splits this batch's examples, and at which the two definitions flag different examples, set
+    # by hand on the detector (its public state) so that a trainer reading the wrong NLL gets other flags
+    values = example_nll[answer_nll].sort().values.tolist()
+    threshold = next(
+        t
+        for t in ((a + b) / 2 for a, b in zip(values, values[1:]))
+        if (example_nll[answer_nll] <= t).tolist() != (example_nll[other] <= t).tolist()
+    )
+    trainer.detector.threshold = threshold
+    flags = (example_nll[answer_nll] <= threshold).tolist()
     assert 0 < sum(flags) < len(flags)
-    np.testing.assert_allclose(sorted(flat_nll[starts].tolist()), sorted(nll.tolist()), rtol=1e-4)
+    per_token_known = torch.zeros_like(flat_mask)
+    for run, known in zip(runs, flags):
+        per_token_known[run] = known
+    per_token_known = per_token_known.reshape(mask.shape)
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=None)
     ref = ((tok_nll - 0.5 * entropy * per_token_known) * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)

@@ -498,18 +498,44 @@ def probs_and_labels(draw, max_n=40, max_k=6):
 SETTINGS = settings(max_examples=60, deadline=None)
 
 
+def reference_bins(conf, n_bins):
+    """
+    The documented equal-width bin of each confidence, one at a time: `#{j in 1..n : c >= j / n}` (the edges as Python
+    computes `j / n`) for `c < 1`, and a bin of its own for `c == 1`.
+    """
+    return [n_bins if c == 1.0 else sum(c >= j / n_bins for j in range(1, n_bins + 1)) for c in conf]
+
+
+def reference_gaps(groups):
+    """ECE and MCE of groups of `(confidence, correct)` pairs: the weighted mean and the max of `|acc - conf|`."""
+    n = sum(len(g) for g in groups)
+    gaps = [abs(sum(y for _, y in g) / len(g) - sum(c for c, _ in g) / len(g)) for g in groups if g]
+    return sum(len(g) / n * gap for g, gap in zip([g for g in groups if g], gaps)), max(gaps)
+
+
+def reference_ece_mce(conf, correct, n_bins):
+    bins = reference_bins(conf, n_bins)
+    return reference_gaps([[(c, y) for c, y, b2 in zip(conf, correct, bins) if b2 == b] for b in range(n_bins + 1)])
+
+
+def reference_equal_mass_ece(conf, correct, n_bins):
+    """Sorted by confidence, ties wrong first, cut into `n_bins` groups, the larger ones first (`numpy.array_split`)."""
+    order = sorted(range(len(conf)), key=lambda i: (conf[i], bool(correct[i])))
+    return reference_gaps([[(conf[i], correct[i]) for i in group] for group in np.array_split(order, n_bins)])[0]
+
+
 @SETTINGS
 @given(confidences_and_correct(), st.integers(1, 20))
-def test_ece_bounds_and_mce_dominates(data, n_bins):
+def test_ece_and_mce_match_a_one_at_a_time_reference(data, n_bins):
+    # confidences on the edges and ties included: the documented binning, and the equal-mass cut
     conf, correct = data
-    ece = expected_calibration_error(conf, correct, n_bins=n_bins)
-    ece_mass = expected_calibration_error(conf, correct, n_bins=n_bins, strategy="quantile")
-    mce = maximum_calibration_error(conf, correct, n_bins=n_bins)
-    assert 0.0 <= ece <= 1.0
-    assert 0.0 <= ece_mass <= 1.0
-    assert 0.0 <= mce <= 1.0
-    assert mce >= ece - 1e-12
-    assert 0.0 <= reliability_diagram_data(conf, correct, n_bins=n_bins)["ece"] <= 1.0
+    ece, mce = reference_ece_mce(conf, correct, n_bins)
+    assert expected_calibration_error(conf, correct, n_bins=n_bins) == pytest.approx(ece, abs=1e-12)
+    assert maximum_calibration_error(conf, correct, n_bins=n_bins) == pytest.approx(mce, abs=1e-12)
+    assert reliability_diagram_data(conf, correct, n_bins=n_bins)["ece"] == pytest.approx(ece, abs=1e-12)
+    assert expected_calibration_error(conf, correct, n_bins=n_bins, strategy="quantile") == pytest.approx(
+        reference_equal_mass_ece(conf, correct, n_bins), abs=1e-12
+    )
 
 
 @SETTINGS
@@ -551,15 +577,34 @@ def test_calibration_report_is_invariant_to_sample_order(data, n_bins, rnd):
 
 @SETTINGS
 @given(probs_and_labels(), st.integers(1, 15))
-def test_report_bounds(data, n_bins):
+def test_report_matches_one_at_a_time_references(data, n_bins):
+    # many ties (within rows and across them): every metric of the report from its definition, in plain Python
     probs, labels = data
     report = calibration_report(probs, labels, n_bins=n_bins)
-    assert 0.0 <= report["brier"] <= 2.0
-    assert report["nll"] >= 0.0
-    for key in ("accuracy", "mean_confidence", "ece", "ece_equal_mass", "cw_ece", "mce"):
-        assert 0.0 <= report[key] <= 1.0, key
-    assert report["mce"] >= report["ece"] - 1e-12
-    assert math.isnan(report["auroc"]) or 0.0 <= report["auroc"] <= 1.0
+    rows, y, n = probs.tolist(), labels.tolist(), len(labels)
+    pred = [row.index(max(row)) for row in rows]  # argmax ties go to the lowest index
+    conf = [max(row) for row in rows]
+    correct = [int(p == t) for p, t in zip(pred, y)]
+    assert report["n"] == n and report["accuracy"] == pytest.approx(sum(correct) / n, abs=1e-12)
+    assert report["mean_confidence"] == pytest.approx(sum(conf) / n, abs=1e-12)
+    ece, mce = reference_ece_mce(conf, correct, n_bins)
+    assert report["ece"] == pytest.approx(ece, abs=1e-12) and report["mce"] == pytest.approx(mce, abs=1e-12)
+    assert report["ece_equal_mass"] == pytest.approx(reference_equal_mass_ece(conf, correct, n_bins), abs=1e-12)
+    per_class = [
+        reference_ece_mce([row[k] for row in rows], [int(t == k) for t in y], n_bins)[0] for k in range(len(rows[0]))
+    ]
+    assert report["cw_ece"] == pytest.approx(sum(per_class) / len(per_class), abs=1e-12)
+    brier = sum(sum((p - (k == t)) ** 2 for k, p in enumerate(row)) for row, t in zip(rows, y)) / n
+    assert report["brier"] == pytest.approx(brier, abs=1e-12)
+    nll = sum(-math.log(max(row[t], NLL_EPS)) for row, t in zip(rows, y)) / n
+    assert report["nll"] == pytest.approx(nll, abs=1e-9)
+    right = [c for c, ok in zip(conf, correct) if ok]
+    wrong = [c for c, ok in zip(conf, correct) if not ok]
+    if right and wrong:  # the chance that a right answer is more confident than a wrong one, ties counting half
+        pairs = sum((a > b) + 0.5 * (a == b) for a in right for b in wrong)
+        assert report["auroc"] == pytest.approx(pairs / (len(right) * len(wrong)), abs=1e-12)
+    else:
+        assert math.isnan(report["auroc"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

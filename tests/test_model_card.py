@@ -5,44 +5,18 @@ import re
 
 import numpy as np
 import pytest
-from helpers import make_mcq_dataset, make_model, make_tokenizer
+from helpers import make_mcq_dataset, make_model
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib_trl import (
-    CalibrationCallback,
-    CalibSFTConfig,
-    CalibSFTTrainer,
-    RCFTConfig,
-    RCFTTrainer,
-    calibration_report,
-)
+from calib_trl import CalibrationCallback, RCFTTrainer, calibration_report
 from calib_trl.defaults import BASE_MODEL_CONFIG_KEY
 from calib_trl.reports import REPORT_METRICS
 
 
-def common(tmp_path, **kwargs):
-    return dict(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        **kwargs,
-    )
-
-
-def test_cogcalib_card_has_tags_citations_and_results(tmp_path):
-    tok = make_tokenizer()
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=CalibSFTConfig(**common(tmp_path), calibration_loss="ls"),
-        train_dataset=make_mcq_dataset(8, known=True),
-        processing_class=tok,
-    )
+def test_cogcalib_card_has_tags_citations_and_results(make_trainer, tmp_path):
+    trainer = make_trainer(make_mcq_dataset(8, known=True), max_steps=2, calibration_loss="ls")
     callback = CalibrationCallback(trainer, make_mcq_dataset(8, seed=5), name="toy-mcq", split="test", on_epoch=False)
     trainer.add_callback(callback)
     trainer.train()
@@ -61,14 +35,8 @@ def test_cogcalib_card_has_tags_citations_and_results(tmp_path):
     assert "model-index" in (tmp_path / "README.md").read_text()
 
 
-def test_rcft_card_without_results(tmp_path):
-    tok = make_tokenizer()
-    trainer = RCFTTrainer(
-        model=make_model(len(tok)),
-        args=RCFTConfig(**common(tmp_path), estep_samples=None),
-        train_dataset=make_mcq_dataset(8),
-        processing_class=tok,
-    )
+def test_rcft_card_without_results(make_trainer, tmp_path):
+    trainer = make_trainer(make_mcq_dataset(8), RCFTTrainer, max_steps=2, estep_samples=None)
     trainer.create_model_card()
     card = ModelCard.load(tmp_path / "README.md")
     assert {"calib-trl", "rcft"} <= set(card.data.tags) and "cogcalib" not in card.data.tags
@@ -76,26 +44,18 @@ def test_rcft_card_without_results(tmp_path):
     assert card.text.index("xiao2025restoring") < card.text.index("wang2025objective")
 
 
-def test_checkpoint_saves_write_the_card_on_the_main_process(tmp_path):
-    tok = make_tokenizer()
-    args = CalibSFTConfig(**{**common(tmp_path), "save_strategy": "steps"}, save_steps=1, calibration_loss="ecp")
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)), args=args, train_dataset=make_mcq_dataset(8, known=True), processing_class=tok
+def test_checkpoint_saves_write_the_card_on_the_main_process(make_trainer, tmp_path):
+    trainer = make_trainer(
+        make_mcq_dataset(8, known=True), max_steps=2, save_strategy="steps", save_steps=1, calibration_loss="ecp"
     )
     trainer.train()
     assert "cogcalib" in ModelCard.load(tmp_path / "README.md").data.tags
     assert (tmp_path / "checkpoint-2" / "calib_trl_state.json").exists()
 
 
-def test_push_to_hub_writes_the_card_with_the_hub_unreachable(tmp_path, monkeypatch):
+def test_push_to_hub_writes_the_card_with_the_hub_unreachable(make_trainer, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tok = make_tokenizer()
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=CalibSFTConfig(**common(tmp_path), calibration_loss="ecp"),
-        train_dataset=make_mcq_dataset(8, known=True),
-        processing_class=tok,
-    )
+    trainer = make_trainer(make_mcq_dataset(8, known=True), max_steps=2, calibration_loss="ecp")
     trainer.record_calibration({"accuracy": 0.5, "ece": 0.1, "brier": 0.6}, "toy", "test")
     trainer.hub_model_id = "someone/toy-cogcalib"
     with pytest.raises(OfflineModeIsEnabled):  # the upload itself cannot reach the hub
@@ -109,14 +69,15 @@ def card_text_links(text):
     return re.findall(r"\]\((https?://[^)]*)\)", text)
 
 
-def test_card_of_a_local_base_model_says_no_none(tmp_path, tiny_model_dir):
+def test_card_of_a_local_base_model_says_no_none(make_trainer, tmp_path, tiny_model_dir):
     # A base model loaded from a local directory that records no Hub origin: TRL alone writes "None" three times
-    tok = make_tokenizer()
-    trainer = CalibSFTTrainer(
+    trainer = make_trainer(
+        make_mcq_dataset(8),
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=CalibSFTConfig(**common(tmp_path / "my-run"), calibration_loss="ecp", apply_to="all"),
-        train_dataset=make_mcq_dataset(8),
-        processing_class=tok,
+        output_dir=tmp_path / "my-run",
+        max_steps=2,
+        calibration_loss="ecp",
+        apply_to="all",
     )
     trainer.create_model_card()
     card = ModelCard.load(tmp_path / "my-run" / "README.md")
@@ -128,18 +89,18 @@ def test_card_of_a_local_base_model_says_no_none(tmp_path, tiny_model_dir):
     assert f'model="{(tmp_path / "my-run").as_posix()}"' in card.text
 
 
-def test_card_names_the_base_model_the_config_records_and_the_hub_repository(tmp_path):
-    tok = make_tokenizer()
+def test_card_names_the_base_model_the_config_records_and_the_hub_repository(make_trainer, tok, tmp_path):
     model = make_model(len(tok))
     setattr(model.config, BASE_MODEL_CONFIG_KEY, "someone/base-model")
     model.save_pretrained(tmp_path / "base")
-    trainer = CalibSFTTrainer(
+    trainer = make_trainer(
+        make_mcq_dataset(8),
         model=AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-        args=CalibSFTConfig(
-            **common(tmp_path / "out"), calibration_loss="ecp", apply_to="all", hub_model_id="me/calib"
-        ),
-        train_dataset=make_mcq_dataset(8),
-        processing_class=tok,
+        output_dir=tmp_path / "out",
+        max_steps=2,
+        calibration_loss="ecp",
+        apply_to="all",
+        hub_model_id="me/calib",
     )
     trainer.create_model_card()
     card = ModelCard.load(tmp_path / "out" / "README.md")
@@ -149,14 +110,8 @@ def test_card_names_the_base_model_the_config_records_and_the_hub_repository(tmp
     assert "None" not in card.text
 
 
-def test_card_puts_base_and_fine_tuned_side_by_side_and_only_the_fine_tuned_in_the_model_index(tmp_path):
-    tok = make_tokenizer()
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=CalibSFTConfig(**common(tmp_path), calibration_loss="ecp", apply_to="all"),
-        train_dataset=make_mcq_dataset(8),
-        processing_class=tok,
-    )
+def test_card_puts_base_and_fine_tuned_side_by_side_and_only_the_fine_tuned_in_the_model_index(make_trainer, tmp_path):
+    trainer = make_trainer(make_mcq_dataset(8), max_steps=2, calibration_loss="ecp", apply_to="all")
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 40)
     before = calibration_report(rng.dirichlet(np.ones(4) * 0.3, 40), labels, n_bins=7)
@@ -196,13 +151,9 @@ def test_card_puts_base_and_fine_tuned_side_by_side_and_only_the_fine_tuned_in_t
     assert "(7 bins)" in card.text and "10 bins" not in card.text
 
 
-def test_save_model_writes_the_card(tmp_path):
-    tok = make_tokenizer()
-    trainer = CalibSFTTrainer(
-        model=make_model(len(tok)),
-        args=CalibSFTConfig(**common(tmp_path / "out"), calibration_loss="ecp", apply_to="all"),
-        train_dataset=make_mcq_dataset(8),
-        processing_class=tok,
+def test_save_model_writes_the_card(make_trainer, tmp_path):
+    trainer = make_trainer(
+        make_mcq_dataset(8), output_dir=tmp_path / "out", max_steps=2, calibration_loss="ecp", apply_to="all"
     )
     callback = CalibrationCallback(trainer, make_mcq_dataset(6, seed=5), name="toy", split="test", at_start=True)
     trainer.add_callback(callback)
@@ -228,16 +179,18 @@ def test_save_model_writes_the_card(tmp_path):
 
 
 @pytest.mark.slow
-def test_card_of_a_run_on_the_default_model(default_model_dir, tmp_path):
+def test_card_of_a_run_on_the_default_model(make_trainer, default_model_dir, tmp_path):
     from calib_trl.defaults import DEFAULT_MODEL_HUB_ID, load_default_dataset
 
     splits = load_default_dataset()
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    trainer = CalibSFTTrainer(
+    trainer = make_trainer(
+        splits["train"].select(range(4)),
         model=AutoModelForCausalLM.from_pretrained(default_model_dir),
-        args=CalibSFTConfig(**common(tmp_path / "smol-calib"), calibration_loss="ecp", apply_to="all"),
-        train_dataset=splits["train"].select(range(4)),
-        processing_class=tok,
+        tokenizer=AutoTokenizer.from_pretrained(default_model_dir),
+        output_dir=tmp_path / "smol-calib",
+        max_steps=2,
+        calibration_loss="ecp",
+        apply_to="all",
     )
     callback = CalibrationCallback(
         trainer, splits["test"].select(range(4)), name="default", split="test", at_start=True, on_epoch=False

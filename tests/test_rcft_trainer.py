@@ -1,6 +1,7 @@
 """
 RCFTTrainer: CFT equals completion-only SFT; the ECE term matches a full-logits reference, in calib-trl's
-normalisation and in the authors' objective; the E-step reads held-out rows when it has them; bad rows are refused.
+normalisation, in the authors' objective and combined with CogCalib's terms; the E-step reads held-out rows when it has
+them; bad rows are refused.
 
 Each departure from the paper and the authors' code that `RCFTConfig` lists is pinned here or in test_losses.py:
 E-step rows (`test_estep_reads_heldout_rows_by_default`), L_ECE normalisation (`test_ece_term_matches_full_logits_
@@ -15,7 +16,18 @@ import logging
 import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
-from helpers import make_mcq_dataset, make_model, make_tokenizer
+from helpers import (
+    NOT_INPUTS,
+    QUIET,
+    grads,
+    letter_ids,
+    make_mcq_dataset,
+    make_model,
+    mixed_choices_dataset,
+    option_reference_loss,
+    reference_loss,
+    reference_option_scores,
+)
 from test_losses import authors_target, authors_target_torch
 from trl import SFTConfig, SFTTrainer
 
@@ -23,23 +35,6 @@ from calib_trl import RCFTConfig, RCFTTrainer
 from calib_trl.losses import rcft_ece_loss
 from calib_trl.mcq import LETTERS
 from calib_trl.metrics import equal_width_bins
-from calib_trl.scoring import score_multiple_choice
-
-
-def config(tmp_path, **kwargs):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        shuffle_dataset=False,
-        max_length=1024,
-        estep_batch_size=8,
-    )
-    base.update(kwargs)
-    return RCFTConfig(**base)
 
 
 def test_departures_defaults():
@@ -65,29 +60,21 @@ def test_small_scale_with_batch_normalization_warns(caplog):
         RCFTConfig("out", report_to=[], estep_source="calibration")
 
 
-def test_cft_equals_completion_only_sft(tmp_path):
+def test_cft_equals_completion_only_sft(make_trainer, tok, tmp_path):
     # also pins the SFT term: the default `sft_loss="completion"` is the answer-only loss (L_SFT1, the authors' code)
-    tok = make_tokenizer()
     data = make_mcq_dataset(12, seed=4)
-    rcft = RCFTTrainer(
-        model=make_model(len(tok), seed=1),
-        args=config(tmp_path / "a", ece_weight=0.0, max_steps=3),
-        train_dataset=data,
-        processing_class=tok,
+    rcft = make_trainer(
+        data, RCFTTrainer, model_seed=1, output_dir=tmp_path / "a", ece_weight=0.0, max_steps=3, logging_steps=1
     )
     sft = SFTTrainer(
         model=make_model(len(tok), seed=1),
         args=SFTConfig(
             str(tmp_path / "b"),
+            **QUIET,
             per_device_train_batch_size=4,
-            report_to=[],
-            save_strategy="no",
-            disable_tqdm=True,
-            activation_checkpointing=False,
-            shuffle_dataset=False,
             max_length=1024,
             max_steps=3,
-            bf16=False,
+            logging_steps=1,
             completion_only_loss=True,
         ),
         train_dataset=data,
@@ -95,16 +82,42 @@ def test_cft_equals_completion_only_sft(tmp_path):
     )
     rcft.train()
     sft.train()
-    assert [h["loss"] for h in rcft.state.log_history if "loss" in h] == [
-        h["loss"] for h in sft.state.log_history if "loss" in h
-    ]
+    losses = [h["loss"] for h in sft.state.log_history if "loss" in h]
+    assert len(losses) == 3 and [h["loss"] for h in rcft.state.log_history if "loss" in h] == losses
     for (n, a), (_, b) in zip(rcft.model.named_parameters(), sft.model.named_parameters()):
         assert torch.equal(a, b), n
 
 
+def first_batch(trainer):
+    return dict(next(iter(trainer.get_train_dataloader())))
+
+
+def trainer_loss_and_grads(trainer, batch):
+    """The trainer's training loss on one batch (normalised by its completion tokens) and the gradients it gives."""
+    model = trainer.model
+    model.train()
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
+    loss.backward()
+    got = grads(model)
+    model.zero_grad()
+    return loss, got, num_items
+
+
+def assert_matches(loss, ref, got, model):
+    """`loss` equals the reference `ref`, and `got` (the trainer's gradients) the reference's gradients."""
+    ref.backward()
+    want = grads(model)
+    model.zero_grad()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert got.keys() == want.keys() and "model.embed_tokens.weight" in got
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def reference_forward(model, batch, option_ids, num_items):
     """Full logits: the completion-only SFT loss, and each answer row's option probabilities, options and answer."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_num_choices")}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
     logits = model(**inputs, use_cache=False).logits.float()
     labels = batch["labels"][:, 1:]
     mask = labels != -100
@@ -124,9 +137,13 @@ def reference_forward(model, batch, option_ids, num_items):
     return sft, probs, ks, answers
 
 
-def reference(model, batch, option_ids, bin_accuracy, args, num_items):
-    """calib-trl's objective: each bin's term averaged over the batch's rows in the bin, the target detached."""
-    sft, probs, ks, _ = reference_forward(model, batch, option_ids, num_items)
+def reference(model, batch, option_ids, bin_accuracy, args, num_items, sft=None):
+    """
+    calib-trl's objective: each bin's term averaged over the batch's rows in the bin, the target detached. `sft`: the
+    loss the ECE term is mixed with (CogCalib's, when combined), by default the completion-only SFT loss.
+    """
+    sft_loss, probs, ks, _ = reference_forward(model, batch, option_ids, num_items)
+    sft = sft_loss if sft is None else sft
     bins = equal_width_bins(probs.max(-1).values, args.n_bins, one_apart=False)
     # the reference loss of each K group, then summed per bin as in the paper
     ece = 0.0
@@ -165,12 +182,13 @@ def authors_reference(model, batch, option_ids, bin_accuracy, bin_counts, num_it
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_ece_term_matches_full_logits_reference(tmp_path, padding_free):
-    tok = make_tokenizer()
+def test_ece_term_matches_full_logits_reference(make_trainer, tok, padding_free):
     data = concatenate_datasets([make_mcq_dataset(6, seed=7), make_mcq_dataset(6, seed=8, num_choices=3)])
     data = data.shuffle(seed=0)
-    args = config(
-        tmp_path,
+    trainer = make_trainer(
+        data,
+        RCFTTrainer,
+        model_seed=1,  # rows in two confidence bins (the tiny model's confidence follows a row's option count)
         ece_weight=0.6,
         ece_scale=3.0,
         bin_refresh="once",
@@ -178,40 +196,94 @@ def test_ece_term_matches_full_logits_reference(tmp_path, padding_free):
         max_length=None if padding_free else 1024,
         per_device_train_batch_size=6,
     )
-    trainer = RCFTTrainer(model=make_model(len(tok), seed=2), args=args, train_dataset=data, processing_class=tok)
+    args, model, option_ids = trainer.args, trainer.model, letter_ids(tok)
+    batch = first_batch(trainer)
+    marks = batch["answer_num_choices"]
+    assert marks.shape == batch["input_ids"].shape
+    # one answer per row, marked with that row's number of options, and rows with 3 and with 4
+    choices = {tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False): r["choices"] for r in data}
+    if padding_free:
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [marks.shape[1]]
+        rows = [(0, s, e) for s, e in zip(starts[:-1], starts[1:])]
+    else:
+        rows = [(r, 0, int(n)) for r, n in enumerate(batch["attention_mask"].sum(-1))]
+    assert len(rows) == 6
+    counts = []
+    for r, s, e in rows:
+        (k,) = marks[r, s:e][marks[r, s:e] > 0].tolist()
+        assert k == len(choices[tok.decode(batch["input_ids"][r, s:e])])
+        counts.append(k)
+    assert sorted(set(counts)) == [3, 4]
+    # The bin accuracies are set by hand, with an empty E-step bin where a batch row falls (its rows keep their own
+    # confidence as target): no public call sets them
+    with torch.no_grad():
+        _, probs, _, _ = reference_forward(model, batch, option_ids, 1)
+    occupied = equal_width_bins(probs.max(-1).values, args.n_bins, one_apart=False)
+    assert len(set(occupied.tolist())) >= 2  # rows in the empty bin and rows in estimated ones
     accuracy = torch.linspace(0.05, 0.95, args.n_bins)
-    accuracy[3] = float("nan")  # an empty E-step bin: its rows keep their own confidence as target
+    accuracy[occupied[0]] = float("nan")
     trainer._bin_stats = {"accuracy": accuracy, "estep_accuracy": 0.0, "estep_ece": 0.0, "estep_cw_ece": 0.0}
-    trainer._last_estep = {"epoch": 0, "step": 0}
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["answer_num_choices"].shape == batch["input_ids"].shape
-    assert sorted(batch["answer_num_choices"][batch["answer_num_choices"] > 0].tolist()) != []
-    model = trainer.model
-    num_items = int((batch["labels"][:, 1:] != -100).sum())
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
-    loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    ref = reference(model, batch, trainer._option_ids, accuracy, args, num_items)
-    ref.backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    for name in got:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    loss, got, num_items = trainer_loss_and_grads(trainer, batch)
+    assert_matches(loss, reference(model, batch, option_ids, accuracy, args, num_items), got, model)
     # the batch's own rows: accuracy and confidence at the answer positions, logged beside the losses
-    _, probs, _, answers = reference_forward(model, batch, trainer._option_ids, num_items)
-    metrics = trainer._metrics["train"]
-    assert metrics["rcft/row_accuracy"][-1] == pytest.approx((probs.argmax(-1) == answers).float().mean().item())
-    assert metrics["rcft/row_confidence"][-1] == pytest.approx(probs.max(-1).values.mean().item(), rel=1e-5)
-    assert "rcft/accuracy_gap" not in metrics  # the E-step read the training rows
+    _, probs, _, answers = reference_forward(model, batch, option_ids, num_items)
+    trainer.log({})
+    logged = trainer.state.log_history[-1]
+    assert logged["rcft/row_accuracy"] == pytest.approx((probs.argmax(-1) == answers).float().mean().item())
+    assert logged["rcft/row_confidence"] == pytest.approx(probs.max(-1).values.mean().item(), rel=1e-5)
+    assert "rcft/accuracy_gap" not in logged  # the E-step read the training rows
 
 
-def test_estep_normalization_is_the_authors_objective(tmp_path):
+@pytest.mark.parametrize("space", ["vocabulary", "options"])
+@pytest.mark.parametrize("method", ["ecp", "ls"])
+def test_cogcalib_and_rcft_combine(make_trainer, tok, method, space):
+    # `(1 - ece_weight) * (SFT + CogCalib term) + ece_weight * ece_scale * L_ECE`, each part from the full logits
+    trainer = make_trainer(
+        mixed_choices_dataset(12, seed=1),
+        RCFTTrainer,
+        model_seed=1,
+        calibration_loss=method,
+        calibration_space=space,
+        ecp_beta=0.7,
+        ls_epsilon=0.3,
+        calibration_weight=0.8,
+        ece_weight=0.6,
+        ece_scale=3.0,
+        estep_source="train",
+        bin_refresh="once",
+        per_device_train_batch_size=8,
+    )
+    args, model, option_ids = trainer.args, trainer.model, letter_ids(tok)
+    stats = trainer.estimate_bins()  # what the first step's E-step finds: the same model on the same rows
+    assert (stats["counts"] > 0).sum() >= 2  # the rows spread over several bins
+    batch = first_batch(trainer)
+    answers = batch["answer_num_choices"] > 0
+    assert 0 < batch["known"][answers].sum() < answers.sum(), "the batch must mix known and unknown answers"
+    assert {3, 4} <= set(batch["answer_num_choices"][answers].long().tolist())
+    loss, got, num_items = trainer_loss_and_grads(trainer, batch)
+    if space == "vocabulary":
+        cogcalib = reference_loss(model, batch, args, num_items)
+    else:
+        cogcalib = option_reference_loss(model, batch, args, num_items, option_ids)
+    ref = reference(model, batch, option_ids, stats["accuracy"], args, num_items, sft=cogcalib)
+    # both parts weigh in: neither RCFT alone nor CogCalib alone is the loss
+    assert abs(ref - reference(model, batch, option_ids, stats["accuracy"], args, num_items)) > 1e-3
+    assert abs(ref - cogcalib) > 1e-3
+    assert_matches(loss, ref, got, model)
+    # the model card names both methods
+    from huggingface_hub import ModelCard
+
+    trainer.create_model_card()
+    assert {"calib-trl", "cogcalib", "rcft"} <= set(ModelCard.load(f"{args.output_dir}/README.md").data.tags)
+
+
+def test_estep_normalization_is_the_authors_objective(make_trainer, tok):
     # The authors' setting: E-step on the whole training set, their normalisation, λ and target gradient
-    tok = make_tokenizer()
     data = concatenate_datasets([make_mcq_dataset(10, seed=7), make_mcq_dataset(6, seed=8, num_choices=3)])
-    args = config(
-        tmp_path,
+    trainer = make_trainer(
+        data,
+        RCFTTrainer,
+        model_seed=5,
         ece_weight=0.5,
         ece_scale=1e-3,
         ece_normalization="estep",
@@ -221,19 +293,14 @@ def test_estep_normalization_is_the_authors_objective(tmp_path):
         bin_refresh="once",
         per_device_train_batch_size=8,
     )
-    trainer = RCFTTrainer(model=make_model(len(tok), seed=5), args=args, train_dataset=data, processing_class=tok)
-    trainer._estep(trainer.model)
-    stats = trainer._bin_stats
-    assert stats["counts"].sum() == 16 and trainer.estep_source == "train"
-    batch = next(iter(trainer.get_train_dataloader()))
-    model = trainer.model
-    num_items = int((batch["labels"][:, 1:] != -100).sum())
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
-    loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    assert trainer.estep_source == "train"
+    stats = trainer.estimate_bins()  # what the first step's E-step finds: the same model on the same rows
+    assert stats["counts"].sum() == 16
+    batch = first_batch(trainer)
+    model, option_ids = trainer.model, letter_ids(tok)
+    loss, got, num_items = trainer_loss_and_grads(trainer, batch)
     # the E-step scored every training row, so each bin's count is the authors' `total_count`
-    ref = authors_reference(model, batch, trainer._option_ids, stats["accuracy"], stats["counts"], num_items)
+    ref = authors_reference(model, batch, option_ids, stats["accuracy"], stats["counts"], num_items)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
     for name, p in model.named_parameters():
@@ -241,19 +308,14 @@ def test_estep_normalization_is_the_authors_objective(tmp_path):
             torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-8, msg=name)
     # ... which differs from calib-trl's default objective with the same λ
     model.zero_grad()
-    assert abs(reference(model, batch, trainer._option_ids, stats["accuracy"], args, num_items) - ref) > 1e-6
+    assert abs(reference(model, batch, option_ids, stats["accuracy"], trainer.args, num_items) - ref) > 1e-6
 
 
-def test_empty_estep_bins(tmp_path):
+def test_empty_estep_bins(make_trainer):
     # The authors give an empty E-step bin accuracy 0, and divide by its zero count. calib-trl: the row's own
-    # confidence is its top target, and the `"estep"` count is at least the batch's rows in the bin.
-    tok = make_tokenizer()
-    trainer = RCFTTrainer(
-        model=make_model(len(tok)),
-        args=config(tmp_path, ece_normalization="estep"),
-        train_dataset=make_mcq_dataset(10, seed=3),
-        processing_class=tok,
-    )
+    # confidence is its top target, and the `"estep"` count is at least the batch's rows in the bin. The per-row targets
+    # and counts are not public: they are read off the trainer's helpers, on E-step statistics set by hand.
+    trainer = make_trainer(make_mcq_dataset(10, seed=3), RCFTTrainer, ece_normalization="estep")
     accuracy = torch.linspace(0.05, 0.95, 10)
     accuracy[3] = float("nan")
     counts = torch.tensor([0, 1, 2, 0, 3, 2, 1, 0, 1, 0], dtype=torch.float64)
@@ -279,120 +341,125 @@ def test_empty_estep_bins(tmp_path):
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
-def test_estep_reads_heldout_rows_by_default(tmp_path, caplog):
-    tok = make_tokenizer()
-    train, heldout, other = make_mcq_dataset(8, seed=3), make_mcq_dataset(6, seed=11), make_mcq_dataset(5, seed=12)
+def assert_estep_statistics(stats, model, tok, rows, n_bins=10):
+    """The E-step's statistics are those of `rows`, scored independently from the full logits."""
+    scores = reference_option_scores(model, tok, rows)
+    bins = equal_width_bins(torch.tensor(scores["confidences"]), n_bins, one_apart=False).numpy()
+    assert stats["counts"].tolist() == [float((bins == b).sum()) for b in range(n_bins)]
+    for b in range(n_bins):
+        if (bins == b).any():
+            assert stats["accuracy"][b].item() == pytest.approx(scores["correct"][bins == b].mean(), abs=1e-6)
+        else:
+            assert torch.isnan(stats["accuracy"][b])
+    accuracy = scores["correct"].mean()
+    assert stats["estep_accuracy"] == pytest.approx(accuracy)
+    assert stats["estep_confidence_gap"] == pytest.approx(abs(accuracy - scores["confidences"].mean()))
+    return scores
+
+
+def test_estep_reads_heldout_rows_by_default(make_trainer, tok, tmp_path, caplog):
+    train, heldout = make_mcq_dataset(8, seed=3), make_mcq_dataset(6, seed=11)
 
     def build(**kwargs):
-        args = kwargs.pop("args", {})
-        return RCFTTrainer(
-            model=make_model(len(tok), seed=6),
-            args=config(tmp_path, estep_samples=None, **args),
-            train_dataset=train,
-            processing_class=tok,
-            **kwargs,
-        )
+        return make_trainer(train, RCFTTrainer, model_seed=6, estep_samples=None, **kwargs)
 
     with caplog.at_level(logging.INFO, logger="calib_trl"):
         trainer = build(calibration_dataset=heldout)
-    assert trainer.estep_source == "heldout" and trainer._estep_rows["prompt"] == heldout["prompt"]
+    assert trainer.estep_source == "heldout"
     assert "only used by online detection" not in caplog.text and "E-step reads the training rows" not in caplog.text
-    stats = trainer.estimate_bins()
-    scores = score_multiple_choice(trainer.model, tok, heldout, progress=False)
-    assert stats["counts"].sum() == 6 and stats["estep_accuracy"] == pytest.approx(scores.correct.mean())
-    assert stats["estep_confidence_gap"] == pytest.approx(abs(scores.correct.mean() - scores.confidences.mean()))
-    assert trainer._card_settings()["estep_rows"] == "heldout"
-    # `estep_dataset` wins over `calibration_dataset`; `estep_source="train"` keeps the training rows
-    assert build(calibration_dataset=heldout, estep_dataset=other)._estep_rows["prompt"] == other["prompt"]
-    kept = build(calibration_dataset=heldout, args={"estep_source": "train"})
-    assert kept.estep_source == "train" and kept._estep_rows["prompt"] == train["prompt"]
+    assert_estep_statistics(trainer.estimate_bins(), trainer.model, tok, heldout)
+    trainer.create_model_card()
+    assert "`estep_rows=heldout`" in (tmp_path / "README.md").read_text()
+    # `estep_source="train"` keeps the training rows
+    kept = build(calibration_dataset=heldout, estep_source="train")
+    assert kept.estep_source == "train"
+    assert_estep_statistics(kept.estimate_bins(), kept.model, tok, train)
     with pytest.raises(
         ValueError, match=r"`estep_source='heldout'` needs held-out .* `estep_dataset=` or `calibration_dataset=`"
     ):
-        build(args={"estep_source": "heldout"})
+        build(estep_source="heldout")
     with pytest.raises(ValueError, match=r"The calibration_dataset is missing the column\(s\) \['choices'\]"):
         build(calibration_dataset=heldout.remove_columns("choices"))
-    # without held-out rows: one warning, however many E-steps run
+    # without held-out rows: one warning, however many E-steps run, and no held-out accuracy to compare with
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        trainer = build(args={"bin_refresh": "1", "max_steps": 2, "logging_steps": 1})
+        trainer = build(bin_refresh="1", max_steps=2, logging_steps=1)
         trainer.train()
-    assert trainer.estep_source == "train" and trainer._estep_rows["prompt"] == train["prompt"]
+    assert trainer.estep_source == "train"
     assert caplog.text.count("RCFT's E-step reads the training rows") == 1
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all("rcft/estep_accuracy" in h and "rcft/accuracy_gap" not in h for h in logs)
 
 
-def test_logs_training_against_heldout_accuracy(tmp_path):
-    tok = make_tokenizer()
-    trainer = RCFTTrainer(
-        model=make_model(len(tok), seed=6),
-        args=config(tmp_path, max_steps=2, logging_steps=1, bin_refresh="once"),
-        train_dataset=make_mcq_dataset(8, seed=3),
-        processing_class=tok,
-        calibration_dataset=make_mcq_dataset(6, seed=11),
+def test_estep_dataset_is_what_the_estep_scores(make_trainer, tok):
+    # `estep_dataset` wins over `calibration_dataset`: the E-step's statistics, and the logged ones, are its rows'
+    train, heldout, other = make_mcq_dataset(8, seed=3), make_mcq_dataset(6, seed=11), make_mcq_dataset(9, seed=12)
+    trainer = make_trainer(
+        train,
+        RCFTTrainer,
+        model_seed=6,
+        estep_samples=None,
+        bin_refresh="once",
+        max_steps=1,
+        logging_steps=1,
+        calibration_dataset=heldout,
+        estep_dataset=other,
     )
+    assert trainer.estep_source == "heldout"
+    scores = assert_estep_statistics(trainer.estimate_bins(), trainer.model, tok, other)
+    # (which the calibration rows would not give)
+    assert reference_option_scores(trainer.model, tok, heldout)["correct"].mean() != scores["correct"].mean()
+    trainer.train()  # the E-step before the first step scores the model as it is here
+    (logged,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged["rcft/estep_accuracy"] == pytest.approx(scores["correct"].mean())
+    assert logged["rcft/accuracy_gap"] == pytest.approx(logged["rcft/row_accuracy"] - scores["correct"].mean())
+
+
+def test_logs_training_against_heldout_accuracy(make_trainer, tok):
+    heldout = make_mcq_dataset(6, seed=11)
+    trainer = make_trainer(
+        make_mcq_dataset(8, seed=3),
+        RCFTTrainer,
+        model_seed=6,
+        max_steps=2,
+        logging_steps=1,
+        bin_refresh="once",
+        calibration_dataset=heldout,
+    )
+    before = reference_option_scores(trainer.model, tok, heldout)  # the one E-step scores the model before training
     trainer.train()
     logs = [h for h in trainer.state.log_history if "rcft/row_accuracy" in h]
     assert len(logs) == 2
     for h in logs:
+        assert h["rcft/estep_accuracy"] == pytest.approx(before["correct"].mean())
         assert h["rcft/accuracy_gap"] == pytest.approx(h["rcft/row_accuracy"] - h["rcft/estep_accuracy"])
-        assert h["rcft/estep_confidence_gap"] == pytest.approx(trainer._bin_stats["estep_confidence_gap"])
+        assert h["rcft/estep_confidence_gap"] == pytest.approx(
+            abs(before["correct"].mean() - before["confidences"].mean())
+        )
 
 
-def test_invalid_rows_raise_or_are_excluded(tmp_path):
-    tok = make_tokenizer()
+def test_invalid_rows_raise_or_are_excluded(make_trainer):
     data = make_mcq_dataset(8, seed=3).to_list()
     data[2]["completion"] = [{"role": "assistant", "content": LETTERS[(data[2]["answer"] + 1) % 4]}]
     data = Dataset.from_list(data)
     with pytest.raises(ValueError, match=r"Row 2 of the train dataset .* instead of the answer letter"):
-        RCFTTrainer(model=make_model(len(tok)), args=config(tmp_path), train_dataset=data, processing_class=tok)
-    trainer = RCFTTrainer(
-        model=make_model(len(tok)),
-        args=config(tmp_path, invalid_rows="exclude"),
-        train_dataset=data,
-        processing_class=tok,
-    )
-    assert trainer._excluded_rows == 1
+        make_trainer(data, RCFTTrainer)
+    trainer = make_trainer(data, RCFTTrainer, invalid_rows="exclude", max_steps=1, logging_steps=1)
     markers = [sum(1 for v in row if v > 0) for row in trainer.train_dataset["answer_num_choices"]]
-    assert markers.count(0) == 1 and markers.count(1) == 7
+    assert markers == [1, 1, 0, 1, 1, 1, 1, 1]  # row 2 gets no answer mark: no ECE term
+    trainer.train()
+    assert [h["rcft/excluded_rows"] for h in trainer.state.log_history if "loss" in h] == [1]
 
 
-def test_truncated_answer_position_is_refused(tmp_path):
-    tok = make_tokenizer()
-    data = make_mcq_dataset(4, seed=3)  # prompts of 95 to 109 tokens
-    # the loss on the prompt keeps the truncated rows, whose answer position is gone
-    with pytest.raises(ValueError, match=r"answer position \(10\d\) is outside the 100 tokens kept .*cuts it off"):
-        RCFTTrainer(
-            model=make_model(len(tok)),
-            args=config(tmp_path, max_length=100, sft_loss="prompt_and_completion"),
-            train_dataset=data,
-            processing_class=tok,
-        )
-    # completion-only loss: TRL drops the rows left without completion tokens; RCFT says so
-    with pytest.raises(ValueError, match="2 of the 4 rows of the train dataset have prompts too long"):
-        RCFTTrainer(
-            model=make_model(len(tok)), args=config(tmp_path, max_length=100), train_dataset=data, processing_class=tok
-        )
-
-
-def test_estep_statistics_and_schedule(tmp_path):
-    tok = make_tokenizer()
-    data = make_mcq_dataset(16, seed=9)
-    trainer = RCFTTrainer(
-        model=make_model(len(tok), seed=4),
-        args=config(tmp_path, bin_refresh="2", max_steps=5, estep_samples=None),
-        train_dataset=data,
-        processing_class=tok,
-    )
-    stats = trainer.estimate_bins()
-    scores = score_multiple_choice(trainer.model, tok, data, progress=False)
-    bins = equal_width_bins(torch.tensor(scores.confidences), 10, one_apart=False)
-    for b in range(10):
-        members = (bins == b).numpy()
-        assert stats["counts"][b] == members.sum()
-        if members.any():
-            assert abs(stats["accuracy"][b].item() - scores.correct[members].mean()) < 1e-6
-        else:
-            assert torch.isnan(stats["accuracy"][b])
+def test_estep_statistics_and_schedule(make_trainer, tok):
+    # 2, 3 and 4 options: the tiny model's confidence depends mostly on a row's number of options, so the rows spread
+    # over several bins
+    data = concatenate_datasets([make_mcq_dataset(6, seed=9, num_choices=k) for k in (2, 3, 4)]).shuffle(seed=0)
+    trainer = make_trainer(data, RCFTTrainer, model_seed=1, bin_refresh="2", max_steps=5, estep_samples=None)
+    scores = assert_estep_statistics(trainer.estimate_bins(), trainer.model, tok, data)
+    assert (
+        len(set(equal_width_bins(torch.tensor(scores["confidences"]), 10, one_apart=False).tolist())) >= 3
+    )  # several bins in use
     calls = []
     original = trainer.estimate_bins
     trainer.estimate_bins = lambda model=None: calls.append(trainer.state.global_step) or original(model)
@@ -400,21 +467,17 @@ def test_estep_statistics_and_schedule(tmp_path):
     assert calls == [0, 2, 4]
 
 
-def test_answer_positions_follow_trls_tokenization_with_chat_template_kwargs(tmp_path):
+def test_answer_positions_follow_trls_tokenization_with_chat_template_kwargs(make_trainer, tok):
     # A template that renders a per-row note: SFTTrainer passes the row's `chat_template_kwargs`, so the answer must be
     # located in SFTTrainer's tokens, not in a re-tokenization that leaves the note out
     from helpers import CHAT_TEMPLATE
 
-    from calib_trl.mcq import LETTERS
     from calib_trl.trainer_mixin import ANSWER_COLUMN
 
-    tok = make_tokenizer()
     tok.chat_template = "{% if note is defined %}{{ '[' + note + ']\n' }}{% endif %}" + CHAT_TEMPLATE
     data = make_mcq_dataset(6, seed=3)
     data = data.add_column("chat_template_kwargs", [{"note": "x" * (5 + 7 * i)} for i in range(len(data))])
-    trainer = RCFTTrainer(
-        model=make_model(len(tok)), args=config(tmp_path, max_steps=1), train_dataset=data, processing_class=tok
-    )
+    trainer = make_trainer(data, RCFTTrainer, max_steps=1)
     letters = {LETTERS[k]: tok.convert_tokens_to_ids(LETTERS[k]) for k in range(4)}
     prepared = trainer.train_dataset
     for i, row in enumerate(prepared):

@@ -17,21 +17,12 @@ import os
 
 import pytest
 import torch
-from helpers import make_mcq_dataset, make_model, make_tokenizer
+from helpers import make_config, make_mcq_dataset, make_model, make_tokenizer
 from transformers import TrainerCallback
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 
 TOTAL_STEPS = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run fastest on one thread, which also keeps them fast when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class StopAt(TrainerCallback):
@@ -47,25 +38,17 @@ class StopAt(TrainerCallback):
 
 
 def _args(config_cls, output_dir, **kwargs):
-    base = dict(
-        output_dir=str(output_dir),
+    """The runs of this file: 2 rows per device, 2 accumulation steps, `TOTAL_STEPS` steps, every step logged."""
+    run = dict(
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=TOTAL_STEPS,
         learning_rate=5e-3,
         logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        dataloader_pin_memory=False,
         seed=0,
         data_seed=0,
-        max_length=1024,
-        bf16=False,
     )
-    base.update(kwargs)
-    return config_cls(**base)
+    return make_config(config_cls, output_dir, **{**run, **kwargs})
 
 
 def _losses(trainer):
@@ -96,6 +79,17 @@ def _assert_same_run(full, resumed):
     assert sorted(got) == sorted(want)
     for step in want:
         assert math.isclose(got[step], want[step], rel_tol=1e-6, abs_tol=1e-7), (step, got[step], want[step])
+    # calib-trl's logged state (thresholds, E-step statistics, known fractions) step for step
+    logged = {
+        run: {
+            h["step"]: {k: v for k, v in h.items() if k.startswith(("calib/", "rcft/"))} for h in t.state.log_history
+        }
+        for run, t in (("full", full), ("resumed", resumed))
+    }
+    for step in want:
+        assert logged["resumed"][step].keys() == logged["full"][step].keys(), step
+        for key, value in logged["full"][step].items():
+            assert math.isclose(logged["resumed"][step][key], value, rel_tol=1e-6, abs_tol=1e-7), (step, key)
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -190,6 +184,7 @@ def test_rcft_resumes_with_its_bin_statistics(tmp_path, bin_refresh, esteps, sto
     # the bins come from the checkpoint: no E-step at the resume itself when none is due (mid-epoch, or between two
     # refresh steps); the next one (the new epoch's, the one due at step 4) runs once
     assert resumed.esteps == [s for s in esteps if s >= stop_at] == [4]
+    # the per-bin statistics are not logged (only their summaries are): compared on the trainers themselves
     for key in ("counts", "accuracy", "confidence"):
         torch.testing.assert_close(resumed._bin_stats[key], full._bin_stats[key], equal_nan=True, rtol=1e-6, atol=0)
     _assert_same_run(full, resumed)
@@ -199,36 +194,42 @@ def test_resume_restores_the_state_the_checkpoint_holds(tmp_path, caplog):
     """The state file is read at `train(resume_from_checkpoint=...)`, including `True` (the last checkpoint)."""
     tok = make_tokenizer()
     train = make_mcq_dataset(8, seed=2)
-    args = _args(
-        RCFTConfig,
-        tmp_path,
-        bin_refresh="once",
-        estep_batch_size=8,
-        estep_samples=None,
-        max_steps=2,
-        save_strategy="steps",
-        save_steps=1,
-        gradient_accumulation_steps=1,
-    )
+    settings = dict(bin_refresh="once", estep_batch_size=8, estep_samples=None, gradient_accumulation_steps=1)
+    args = _args(RCFTConfig, tmp_path, **settings, max_steps=2, save_strategy="steps", save_steps=1)
     trainer = RCFTTrainer(model=make_model(len(tok), seed=1), args=args, train_dataset=train, processing_class=tok)
     trainer.train()
     state_file = tmp_path / "checkpoint-2" / "calib_trl_state.json"
     state = json.loads(state_file.read_text())
     state["skipped_steps"] = 7
-    state["rcft_bins"]["accuracy"] = [0.5] * 10
+    state["rcft_bins"]["estep_accuracy"] = 0.125
     state_file.write_text(json.dumps(state))
-    again = RCFTTrainer(model=make_model(len(tok), seed=1), args=args, train_dataset=train, processing_class=tok)
+    # one more step, logged: what it logs comes from the state the checkpoint holds
+    more = dict(max_steps=3, save_strategy="no", nonfinite_loss="skip")
+    again = RCFTTrainer(
+        model=make_model(len(tok), seed=1),
+        args=_args(RCFTConfig, tmp_path, **{**settings, **more}),
+        train_dataset=train,
+        processing_class=tok,
+    )
     calls = []
     _spy(again, "estimate_bins", calls, lambda: again.state.global_step)
-    again.train(resume_from_checkpoint=True)  # already at max_steps: nothing to train, the state is loaded
-    assert calls == []
-    assert again._skipped_steps == 7
-    assert again._bin_stats["accuracy"].tolist() == [0.5] * 10
-    assert again._bin_stats["counts"].dtype == torch.float64
+    again.train(resume_from_checkpoint=True)
+    assert calls == []  # the bins come from the checkpoint ("once": no E-step after it)
+    (logged,) = [h for h in again.state.log_history if h.get("step") == 3 and "loss" in h]
+    assert logged["calib/skipped_steps"] == 7 and logged["rcft/estep_accuracy"] == 0.125
     # a checkpoint without the state file (written by another trainer) resumes with a fresh state, and says so
     os.remove(state_file)
-    fresh = RCFTTrainer(model=make_model(len(tok), seed=1), args=args, train_dataset=train, processing_class=tok)
+    fresh = RCFTTrainer(
+        model=make_model(len(tok), seed=1),
+        args=_args(RCFTConfig, tmp_path, **{**settings, **more}),
+        train_dataset=train,
+        processing_class=tok,
+    )
+    fresh.esteps = []
+    _spy(fresh, "estimate_bins", fresh.esteps, lambda: fresh.state.global_step)
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
         fresh.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert "has no calib_trl_state.json: calib-trl state starts afresh" in caplog.text
-    assert fresh._skipped_steps == 0
+    assert fresh.esteps == [2]  # no bins to resume with: a new E-step
+    (logged,) = [h for h in fresh.state.log_history if h.get("step") == 3 and "loss" in h]
+    assert logged["calib/skipped_steps"] == 0

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
-from helpers import TRAINING_CHAT_TEMPLATE, make_mcq_dataset, make_model, make_tokenizer
+from helpers import QUIET, TRAINING_CHAT_TEMPLATE, make_mcq_dataset, make_model, make_tokenizer
 from peft import LoraConfig, PromptTuningConfig
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
@@ -25,12 +25,7 @@ from trl import SFTConfig, SFTTrainer
 from calib_trl import CalibSFTConfig, CalibSFTTrainer
 
 COMMON = dict(
-    report_to=[],
-    save_strategy="no",
-    disable_tqdm=True,
-    activation_checkpointing=False,
-    bf16=False,
-    dataloader_pin_memory=False,
+    **QUIET,
     per_device_train_batch_size=4,
     max_steps=2,
     logging_steps=1,
@@ -40,14 +35,6 @@ COMMON = dict(
 TOOLS = json.dumps(
     [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mcq():
@@ -158,13 +145,19 @@ def run(kind, scenario, tmp_path, model_dir, **calibration):
     return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h], before
 
 
+DETECTION_PATHS = {"language_modeling": "no_answer", "skip_prepare_dataset": "no_answer", "iterable_dataset": "stream"}
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_calibration_on_trains(scenario, tmp_path, tiny_model_dir):
     trainer, losses, before = run("calib", scenario, tmp_path, tiny_model_dir)
     assert trainer.args.has_calibration_term
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert before and any(not torch.equal(p, dict(trainer.model.named_parameters())[n]) for n, p in before.items())
-    assert trainer.detection_summary is not None  # the path detection took was announced
+    # the path detection took, by README's rule for the rows passed: multiple-choice rows are flagged by the model's
+    # own answer (a `formatting_func` formats them for training only), rows without an answer get the term on every
+    # token, a stream gets a threshold fitted before the first step
+    assert trainer.detection_summary["path"] == DETECTION_PATHS.get(scenario, "multiple_choice")
     known = [h["calib/known_fraction"] for h in trainer.state.log_history if "calib/known_fraction" in h]
     assert known and np.mean(known) > 0  # the calibration term reached some tokens
 
