@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 from calib_trl import calibration_report
 from calib_trl.cli import main
 from calib_trl.knowledge import youden_threshold
-from calib_trl.reports import format_table
 
 
 def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
@@ -166,18 +165,6 @@ def test_evaluate_labels_a_file_by_its_name(tiny_model_dir, tmp_path, capsys):
     assert f"| {tiny_model_dir} / my_questions.jsonl | 6 |" in printed and "/ test" not in printed
     result = json.loads((out / "calibration.json").read_text())
     assert result["split"] is None and result["dataset"] == str(data) and result["n"] == 6
-
-
-def test_format_table_shows_the_known_keys_present_in_order():
-    rows = {
-        "a": {"ece": 0.25, "n": 40, "answer_mass": 0.5, "unknown_key": 1.0, "n_bins": 10},
-        "b": {"accuracy": 0.75, "ece": None, "n": 8},
-    }
-    header, rule, row_a, row_b = format_table(rows, label="run").splitlines()
-    assert header == "| run | n | accuracy | ece | answer_mass |"
-    assert rule.count("---") == 5
-    assert row_a == "| a | 40 |  | 0.2500 | 0.5000 |"
-    assert row_b == "| b | 8 | 0.7500 |  |  |"
 
 
 @pytest.mark.parametrize(

@@ -55,20 +55,6 @@ def test_scores_match_a_hand_computed_softmax_over_each_rows_options(setup):
     assert scores.labels.tolist() == list(data["answer"])
 
 
-def test_prompt_text_tokens_are_the_last_messages_content(setup):
-    tok, _, data = setup
-    row = data[0]
-    ids = tokenize_prompt(tok, row["prompt"])
-    positions = prompt_text_tokens(tok, row["prompt"], ids)
-    # the tokenizer is character-level, so the selected tokens spell the message exactly (bar its first character)
-    content = row["prompt"][-1]["content"]
-    assert tok.decode([ids[p] for p in positions]) == content
-    assert positions == list(range(positions[0], positions[0] + len(content)))
-    plain = "Question: which?\nAnswer:"
-    plain_ids = tokenize_prompt(tok, plain)
-    assert prompt_text_tokens(tok, plain, plain_ids) == list(range(1, len(plain_ids)))
-
-
 def test_report_adds_answer_mass_lm_check_and_temperature(setup):
     tok, model, data = setup
     scores = score_multiple_choice(model, tok, data, progress=False, lm_check=True)
