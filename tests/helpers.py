@@ -211,6 +211,23 @@ def grads(model) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def first_batch(trainer) -> dict:
+    """The first batch of the trainer's training dataloader, as a plain dict."""
+    return dict(next(iter(trainer.get_train_dataloader())))
+
+
+def trainer_loss_and_grads(trainer, batch):
+    """The trainer's training loss on one batch (normalised by its completion tokens) and the gradients it gives."""
+    model = trainer.model
+    model.train()
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
+    loss.backward()
+    got = grads(model)
+    model.zero_grad()
+    return loss, got, num_items
+
+
 # Batch columns that are not model inputs: the labels, the known flags, the answer marks
 NOT_INPUTS = ("labels", "known", "answer_num_choices")
 

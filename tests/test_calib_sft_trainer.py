@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import (
     QUIET,
+    first_batch,
     grads,
     letter_ids,
     make_mcq_dataset,
@@ -14,6 +15,7 @@ from helpers import (
     mixed_choices_dataset,
     option_reference_loss,
     reference_loss,
+    trainer_loss_and_grads,
 )
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from trl import SFTConfig, SFTTrainer
@@ -25,11 +27,6 @@ MODES = {
     "padding_free": dict(padding_free=True, max_length=None),
     "packed": dict(packing=True, max_length=160),
 }
-
-
-def first_batch(trainer):
-    batch = next(iter(trainer.get_train_dataloader()))
-    return {k: v for k, v in batch.items()}
 
 
 def run_both(make_trainer, mode, peft=False, virtual_tokens=0, model=None, **kwargs):
@@ -50,18 +47,6 @@ def run_both(make_trainer, mode, peft=False, virtual_tokens=0, model=None, **kwa
     reference = grads(model)
     model.zero_grad()
     return loss, ref, fused, reference, batch
-
-
-def trainer_loss_and_grads(trainer, batch):
-    """The trainer's loss on one batch (normalised by its completion tokens) and the gradients it gives."""
-    model = trainer.model
-    model.train()
-    num_items = int((batch["labels"][:, 1:] != -100).sum())
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
-    loss.backward()
-    fused = grads(model)
-    model.zero_grad()
-    return loss, fused, num_items
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -19,6 +19,7 @@ from datasets import Dataset, concatenate_datasets
 from helpers import (
     NOT_INPUTS,
     QUIET,
+    first_batch,
     grads,
     letter_ids,
     make_mcq_dataset,
@@ -27,6 +28,7 @@ from helpers import (
     option_reference_loss,
     reference_loss,
     reference_option_scores,
+    trainer_loss_and_grads,
 )
 from test_losses import authors_target, authors_target_torch
 from trl import SFTConfig, SFTTrainer
@@ -86,22 +88,6 @@ def test_cft_equals_completion_only_sft(make_trainer, tok, tmp_path):
     assert len(losses) == 3 and [h["loss"] for h in rcft.state.log_history if "loss" in h] == losses
     for (n, a), (_, b) in zip(rcft.model.named_parameters(), sft.model.named_parameters()):
         assert torch.equal(a, b), n
-
-
-def first_batch(trainer):
-    return dict(next(iter(trainer.get_train_dataloader())))
-
-
-def trainer_loss_and_grads(trainer, batch):
-    """The trainer's training loss on one batch (normalised by its completion tokens) and the gradients it gives."""
-    model = trainer.model
-    model.train()
-    num_items = int((batch["labels"][:, 1:] != -100).sum())
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(num_items))
-    loss.backward()
-    got = grads(model)
-    model.zero_grad()
-    return loss, got, num_items
 
 
 def assert_matches(loss, ref, got, model):
