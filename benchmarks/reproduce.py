@@ -462,8 +462,10 @@ def selection(summary: dict) -> list[str]:
     regimes = summary.get("regimes", {})
     if not regimes or not all("sft" in t for t in regimes.values()):
         return []
-    candidates = [
-        n for n, (kind, o, _) in ALL_METHODS.items() if kind == "calib" and o.get("calibration_loss") != "none"
+    candidates = [  # CogCalib's own settings: `apply_to="all"` answers another question (does the split help?)
+        n
+        for n, (kind, o, _) in ALL_METHODS.items()
+        if kind == "calib" and o.get("calibration_loss") != "none" and o.get("apply_to", "known") == "known"
     ]
     rows = []
     for name in candidates:
