@@ -41,13 +41,16 @@ class CalibSFTConfig(CalibrationConfig):
             `calib/nll`, the plain cross-entropy of the completion tokens (what `SFTTrainer` logs as `loss`), to
             follow how well the model fits the data.
 
-        calibration_space (`str`, *optional*, defaults to `"vocabulary"`):
+        calibration_space (`str`, *optional*, defaults to `"auto"`):
             Which distribution the calibration term acts on. `"vocabulary"`: the next-token distribution over the
             whole vocabulary, at every completion token of a selected example (the papers' losses). `"options"`
             (multiple-choice data, with `choices` and `answer` columns): the softmax over the option letters at the
             answer token only, the distribution that option-letter ECE measures; every other token keeps plain
             cross-entropy, so probability is moved between the options and not off them. `"auto"`: `"options"` when
-            the training data has `choices`, else `"vocabulary"`.
+            the training rows are multiple-choice prompt/completion rows in a `datasets.Dataset` (packed, if at
+            all, with `packing_strategy="bfd"`), else `"vocabulary"`; multiple-choice rows that cannot take the
+            option term (conversational `messages`, an `IterableDataset`, packing that can cut a question off its
+            answer) get a warning saying why. The trainer's `calibration_space` property says which one a run uses.
 
         > Parameters that control knowledge detection
 
@@ -117,7 +120,7 @@ class CalibSFTConfig(CalibrationConfig):
     mbls_lambda: float = field(default=0.1, metadata={"help": "Weight λ of the margin penalty of `mbls`, >= 0."})
     ecp_beta: float = field(default=2.0, metadata={"help": "Weight β of the entropy bonus of `ecp`, >= 0."})
     calibration_space: str = field(
-        default="vocabulary",
+        default="auto",
         metadata={
             "help": "Distribution the calibration term acts on: `vocabulary` (every completion token), `options` (the "
             "softmax over the option letters at the answer token; multiple-choice data) or `auto`.",

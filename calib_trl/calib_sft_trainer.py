@@ -238,11 +238,20 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         mcq = train_dataset is not None and is_multiple_choice(train_dataset)
         space = args.calibration_space
         if space == "auto":
-            space = "options" if mcq else "vocabulary"
-            logger.info(
-                "calibration_space='auto': the calibration term acts on the %s.",
-                "option letters at the answer token" if mcq else "whole vocabulary",
-            )
+            why_not = CalibSFTTrainer._why_not_options(args, train_dataset) if mcq else None
+            space = "options" if mcq and why_not is None else "vocabulary"
+            if why_not is not None:
+                logger.warning(
+                    "calibration_space='auto': the rows are multiple choice, but %s, so the calibration term acts on "
+                    "the whole vocabulary, which can move probability off the option letters (watch `answer_mass` in "
+                    "the reports). Fix that, or set `calibration_space='vocabulary'` to silence this warning.",
+                    why_not,
+                )
+            else:
+                logger.info(
+                    "calibration_space='auto': the calibration term acts on the %s.",
+                    "option letters at the answer token" if mcq else "whole vocabulary",
+                )
         elif space == "options" and not mcq:
             columns = get_dataset_column_names(train_dataset) if train_dataset is not None else None
             raise ValueError(
@@ -251,6 +260,21 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                 f"{columns}). Use `calibration_space='vocabulary'` (or 'auto') for open-ended data."
             )
         return space
+
+    @staticmethod
+    def _why_not_options(args, train_dataset) -> str | None:
+        """Why multiple-choice rows cannot get the option-space term (`calibration_space="auto"`), or None."""
+        if isinstance(train_dataset, IterableDataset):
+            return "an `IterableDataset` cannot be searched for the answer positions ahead (use a `datasets.Dataset`)"
+        columns = get_dataset_column_names(train_dataset)
+        if "prompt" not in columns or "completion" not in columns:
+            return (
+                f"they are not prompt/completion rows (columns {columns}), so the answer token cannot be located "
+                "(convert them to `prompt`/`completion`)"
+            )
+        if args.packing and args.packing_strategy != "bfd":
+            return f"`packing_strategy={args.packing_strategy!r}` can cut a question off its answer (use 'bfd')"
+        return None
 
     def _reads_lm_head(self) -> bool:
         """Whether the loss reads the LM head's weight outside the model's forward (see `_check_parallelism`)."""
@@ -739,6 +763,11 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
 
     # -- model card ----------------------------------------------------------------------------------------------
 
+    @property
+    def calibration_space(self) -> str:
+        """The distribution the calibration term acts on in this run: `"options"` or `"vocabulary"` (`"auto"` resolved)."""
+        return self._space
+
     def _card_settings(self) -> dict:
         a = self.args
         settings = {
@@ -746,6 +775,8 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
             "apply_to": a.apply_to,
             "calibration_weight": a.calibration_weight,
         }
+        if a.has_calibration_term:
+            settings["calibration_space"] = f"{self._space} (auto)" if a.calibration_space == "auto" else self._space
         settings.update(
             {
                 "ls": {"ls_epsilon": a.ls_epsilon},

@@ -254,7 +254,8 @@ class CalibrationTrainerMixin:
         dataset = self._post_tokenize(dataset, processing_class, args, dataset_name)
         if not packing:
             return dataset
-        flags = list(self._flag_columns)
+        # `detection="auto"` prepares a dataset once before its flags exist (and again once they do): spread what it has
+        flags = [c for c in self._flag_columns if c in dataset.column_names]
 
         def per_token(example):
             n = len(example["input_ids"])

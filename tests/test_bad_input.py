@@ -381,7 +381,9 @@ def _nan_at_call(monkeypatch, module, name, bad_calls):
 
 def test_nonfinite_loss_raises_by_default(make_trainer, monkeypatch):
     _nan_at_call(monkeypatch, calib_trl.calib_sft_trainer, "calibration_term", {1})
-    trainer = make_trainer(make_mcq_dataset(6), per_device_train_batch_size=2, max_steps=3, apply_to="all")
+    trainer = make_trainer(
+        make_mcq_dataset(6), per_device_train_batch_size=2, max_steps=3, apply_to="all", calibration_space="vocabulary"
+    )
     with pytest.raises(
         FloatingPointError,
         match=r"The train loss is nan at step 1 \(on this or another process\)\. Lower the learning rate, check the "
@@ -481,6 +483,7 @@ def test_nonfinite_loss_skip_leaves_the_parameters_unchanged(make_trainer, monke
         learning_rate=0.1,
         logging_steps=1,
         apply_to="all",
+        calibration_space="vocabulary",  # the NaN is put into the vocabulary-space term
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

@@ -30,6 +30,8 @@ MODES = {
 
 
 def run_both(make_trainer, mode, peft=False, virtual_tokens=0, model=None, **kwargs):
+    """The trainer's loss and gradients, and those of the vocabulary-space reference (the option space has its own)."""
+    kwargs.setdefault("calibration_space", "vocabulary")
     data = make_mcq_dataset(12, seed=1, known=True)
     if peft is True:
         peft = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -229,6 +231,7 @@ def test_evaluate_reports_the_calibrated_loss(make_trainer):
         eval_dataset=evaluation,
         calibration_loss="ecp",
         ecp_beta=0.7,
+        calibration_space="vocabulary",  # the reference below is the vocabulary-space loss
         per_device_eval_batch_size=8,
     )
     metrics = trainer.evaluate()
@@ -335,6 +338,39 @@ def test_option_space_leaves_the_letters_share_of_the_vocabulary_to_cross_entrop
         valid = torch.arange(4)[None, :] < k[:, None]
         torch.testing.assert_close((grad * valid).sum(-1), torch.zeros(6, dtype=torch.float64), msg=method)
         assert (grad[~valid] == 0).all(), method  # options a row does not have get nothing
+
+
+def test_auto_space_takes_the_options_where_it_can_and_says_why_not_elsewhere(make_trainer, caplog):
+    from datasets import IterableDataset
+
+    mcq = make_mcq_dataset(8, known=True)
+    with caplog.at_level(logging.INFO, logger="calib_trl"):
+        assert make_trainer(mcq).calibration_space == "options"  # the default is "auto"
+    assert (
+        "calibration_space='auto': the calibration term acts on the option letters at the answer token" in caplog.text
+    )
+    rows = mcq.to_list()
+    cannot = {
+        "an `IterableDataset` cannot be searched": (
+            IterableDataset.from_generator(lambda: iter(rows)),
+            {"max_steps": 2},
+        ),
+        "they are not prompt/completion rows": (
+            mcq.map(lambda r: {"messages": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"]),
+            {},
+        ),
+        "`packing_strategy='wrapped'` can cut a question off its answer": (
+            mcq,
+            dict(packing=True, packing_strategy="wrapped", max_length=128),
+        ),
+    }
+    for why, (data, settings) in cannot.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="calib_trl"):
+            trainer = make_trainer(data, **settings)
+        assert trainer.calibration_space == "vocabulary", why
+        assert f"calibration_space='auto': the rows are multiple choice, but {why}" in caplog.text
+        assert "watch `answer_mass`" in caplog.text
 
 
 def test_option_space_needs_multiple_choice_data(make_trainer, caplog):

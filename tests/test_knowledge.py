@@ -203,6 +203,7 @@ def test_online_flags_use_each_examples_answer_nll(make_trainer, padding_free, a
         model_seed=13,
         calibration_loss="ecp",
         ecp_beta=0.5,
+        calibration_space="vocabulary",  # the entropy below is the vocabulary-space term
         detection="online",
         answer_nll=answer_nll,
         per_device_train_batch_size=8,

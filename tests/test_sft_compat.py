@@ -146,6 +146,18 @@ def run(kind, scenario, tmp_path, model_dir, **calibration):
 
 
 DETECTION_PATHS = {"language_modeling": "no_answer", "skip_prepare_dataset": "no_answer", "iterable_dataset": "stream"}
+# calibration_space="auto": the option letters for multiple-choice prompt/completion rows in a `Dataset` (packed
+# with 'bfd', which keeps each question whole); the whole vocabulary for rows without choices, conversational rows,
+# a stream and packing that can cut a question off its answer
+VOCABULARY_SPACE = {
+    "language_modeling",
+    "skip_prepare_dataset",
+    "messages_with_tools",
+    "assistant_only_loss",
+    "iterable_dataset",
+    "packing_bfd_split",
+    "packing_wrapped",
+}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -158,6 +170,7 @@ def test_calibration_on_trains(scenario, tmp_path, tiny_model_dir):
     # own answer (a `formatting_func` formats them for training only), rows without an answer get the term on every
     # token, a stream gets a threshold fitted before the first step
     assert trainer.detection_summary["path"] == DETECTION_PATHS.get(scenario, "multiple_choice")
+    assert trainer.calibration_space == ("vocabulary" if scenario in VOCABULARY_SPACE else "options")
     known = [h["calib/known_fraction"] for h in trainer.state.log_history if "calib/known_fraction" in h]
     assert known and np.mean(known) > 0  # the calibration term reached some tokens
 
