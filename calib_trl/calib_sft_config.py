@@ -5,6 +5,11 @@ from dataclasses import dataclass, field
 from .calibration_config import CalibrationConfig
 from .config_checks import check_in, check_range
 
+# `ecp_beta=None`: β in each calibration space. The entropy over K options is at most ln K (1.39 for 4), against up to
+# ln V over the vocabulary, so the two spaces need their own weights. The option letters' β follows the default rule
+# (benchmarks/README.md); the vocabulary's is the earlier default, which that rule could not judge on open-ended data.
+DEFAULT_ECP_BETA = {"options": 4.0, "vocabulary": 2.0}
+
 
 @dataclass
 class CalibSFTConfig(CalibrationConfig):
@@ -23,7 +28,9 @@ class CalibSFTConfig(CalibrationConfig):
             smoothing, CoMbLS), `"ecp"` (confidence penalty, CoECP) or `"none"` (plain SFT). The defaults of
             `calibration_loss`, `calibration_space` and the weights below follow one rule, applied to the table of
             `benchmarks/reproduce.py`: the lowest ECE (test and out-of-domain) among the settings whose accuracy is
-            at least SFT's minus 1 point and whose `answer_mass` is at least 0.9 x SFT's (see benchmarks/README.md).
+            at least SFT's minus 1 point and whose `answer_mass` is at least 0.9 x SFT's, each judged by its paired
+            interval. The table, and what it can and cannot tell apart, is in benchmarks/README.md; `ls_epsilon`,
+            `mbls_margin` and `mbls_lambda` were not in it and keep their earlier defaults.
         apply_to (`str`, *optional*, defaults to `"known"`):
             Which examples get the calibration term: `"known"` (CogCalib), `"all"` (the plain calibration loss on all
             data) or `"none"` (standard SFT). With the paper's ablations in one trainer.
@@ -35,8 +42,10 @@ class CalibSFTConfig(CalibrationConfig):
             Margin `m` of `"mbls"` (logit units), `>= 0`.
         mbls_lambda (`float`, *optional*, defaults to `0.1`):
             Weight λ of the margin penalty of `"mbls"`, `>= 0`.
-        ecp_beta (`float`, *optional*, defaults to `2.0`):
-            Weight β of the entropy bonus of `"ecp"`, `>= 0`. The bonus β·H(p) is subtracted from the cross-entropy
+        ecp_beta (`float` or `None`, *optional*, defaults to `None`):
+            Weight β of the entropy bonus of `"ecp"`, `>= 0`. `None`: `4.0` when the term acts on the option
+            letters (`calibration_space`), where the entropy is at most ln K, and `2.0` over the vocabulary (the
+            trainer's `args.ecp_beta` holds the value a run uses). The bonus β·H(p) is subtracted from the cross-entropy
             of known tokens, so the logged training `loss` can be negative: that is expected, not a bug. Watch
             `calib/nll`, the plain cross-entropy of the completion tokens (what `SFTTrainer` logs as `loss`), to
             follow how well the model fits the data.
@@ -118,7 +127,13 @@ class CalibSFTConfig(CalibrationConfig):
     ls_epsilon: float = field(default=0.5, metadata={"help": "Label-smoothing ε of `ls`, in [0, 1)."})
     mbls_margin: float = field(default=10.0, metadata={"help": "Margin m of `mbls` in logit units, >= 0."})
     mbls_lambda: float = field(default=0.1, metadata={"help": "Weight λ of the margin penalty of `mbls`, >= 0."})
-    ecp_beta: float = field(default=2.0, metadata={"help": "Weight β of the entropy bonus of `ecp`, >= 0."})
+    ecp_beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight β of the entropy bonus of `ecp`, >= 0. Default: 4.0 on the option letters, 2.0 over "
+            "the vocabulary."
+        },
+    )
     calibration_space: str = field(
         default="auto",
         metadata={
@@ -178,7 +193,8 @@ class CalibSFTConfig(CalibrationConfig):
         check_range("ls_epsilon", self.ls_epsilon, 0.0, 1.0, high_inclusive=False)
         check_range("mbls_margin", self.mbls_margin, 0.0, None)
         check_range("mbls_lambda", self.mbls_lambda, 0.0, None)
-        check_range("ecp_beta", self.ecp_beta, 0.0, None)
+        if self.ecp_beta is not None:
+            check_range("ecp_beta", self.ecp_beta, 0.0, None)
         if self.online_refit_steps < 1:
             raise ValueError(f"`online_refit_steps` must be >= 1, got {self.online_refit_steps}.")
         if self.auto_detection_samples < 2:

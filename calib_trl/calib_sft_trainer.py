@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import logging
 import textwrap
 import warnings
@@ -22,7 +23,7 @@ from transformers import (
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 
-from .calib_sft_config import CalibSFTConfig
+from .calib_sft_config import DEFAULT_ECP_BETA, CalibSFTConfig
 from .knowledge import KnowledgeRule, OnlineKnowledgeDetector, fit_knowledge_rule
 from .losses import (
     calibration_term,
@@ -132,6 +133,9 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
         self._calibrate_all = args.has_calibration_term and args.apply_to == "all"
         self._precomputed = self._needs_flags and args.detection in ("precomputed", "auto")
         self._space = self._resolve_space(args, train_dataset)
+        if args.ecp_beta is None:  # the space's own β, on a copy: the caller's config may serve another trainer
+            args = copy.copy(args)
+            args.ecp_beta = DEFAULT_ECP_BETA[self._space]
         self._train_rows, self._calibration_dataset = train_dataset, calibration_dataset
         self._undetected = {}  # `detection="auto"`: datasets without the flag column, by name, as passed
         self._flag_on_prepare = False  # after `__init__`, `detection="auto"` flags a dataset when it is prepared

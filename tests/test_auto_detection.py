@@ -29,6 +29,7 @@ from trl import SFTConfig
 from trl.trainer.utils import get_config_model_id
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
+from calib_trl.calib_sft_config import DEFAULT_ECP_BETA
 from calib_trl.knowledge import youden_threshold
 from calib_trl.scoring import answer_rows, score_answers
 
@@ -302,7 +303,9 @@ def test_no_args_gives_the_default_config_and_trains(tmp_path, tok, monkeypatch)
     # built first: a new config resets the accelerator state that a trainer holds
     expected = CalibSFTConfig(f"{get_config_model_id(model.config).split('/')[-1]}-CalibSFT").to_dict()
     trainer = CalibSFTTrainer(model=model, train_dataset=make_mcq_dataset(8), processing_class=tok)
-    assert trainer.args.to_dict() == expected
+    # the one setting the trainer fills in: the default β of the space it resolved (multiple-choice rows: the options)
+    assert expected["ecp_beta"] is None and trainer.calibration_space == "options"
+    assert trainer.args.to_dict() == {**expected, "ecp_beta": DEFAULT_ECP_BETA["options"]}
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     assert trainer.state.global_step > 0 and math.isfinite(trainer.state.log_history[-1]["train_loss"])
