@@ -411,7 +411,12 @@ def markdown(results: dict, summary: dict) -> str:
     ]
     base = summary["base"]
     for regime, table in summary.get("regimes", {}).items():
-        lines += [f"**{regime}** ({REGIMES[regime]})", ""]
+        r = REGIMES[regime]
+        batch = (s["mode_settings"]["batch"] or {}).get(regime, r["batch_size"])
+        lines += [
+            f"**{regime}** ({r['num_train_epochs']} epochs, lr {r['learning_rate']}, optimizer batch {batch})",
+            "",
+        ]
         for split, title in (("test", "test (in-domain)"), ("ood", "out-of-domain")):
             lines += [
                 f"*{title}*",
