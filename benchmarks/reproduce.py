@@ -483,7 +483,7 @@ def selection(summary: dict) -> list[str]:
                 eces.append(m["ece"])
                 acc, mass, ece = m["vs_sft"]["accuracy"], m["vs_sft"]["answer_mass"], m["vs_sft"]["ece"]
                 if acc["high"] < -0.01:
-                    why.append(f"acc {regime}/{split} {acc['diff']:+.3f} [{acc['low']:+.3f}, {acc['high']:+.3f}]")
+                    why.append(f"acc {regime}/{split} {_interval(acc)}")
                 if mass["high"] < -0.1 * ref["answer_mass"]:
                     why.append(f"mass {regime}/{split} {m['answer_mass']:.3f} < {0.9 * ref['answer_mass']:.3f}")
                 if ece["high"] < 0:
