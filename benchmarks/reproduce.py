@@ -472,9 +472,11 @@ def selection(summary: dict) -> list[str]:
         for n, (kind, o, _) in ALL_METHODS.items()
         if kind == "calib" and o.get("calibration_loss") != "none" and o.get("apply_to", "known") == "known"
     ]
-    rows = []
+    rows, partial = [], []
     for name in candidates:
         if not all(name in t and "vs_sft" in t[name]["split"][SPLITS[0]] for t in regimes.values()):
+            if any(name in t for t in regimes.values()):
+                partial.append(name)
             continue
         why, eces, distinct = [], [], []
         for regime, table in regimes.items():
@@ -507,6 +509,8 @@ def selection(summary: dict) -> list[str]:
         f"{', '.join(distinct) or 'not distinguishable'} |"
         for ece, name, why, distinct in rows
     ]
+    if partial:  # a setting judged on fewer regimes than the others would not be judged by the same rule
+        lines += ["", f"Not judged (not measured in every regime): {', '.join(partial)}."]
     return lines + [""]
 
 
