@@ -8,7 +8,7 @@ from transformers import TrainerCallback
 
 from .mcq import validate_mcq_dataset
 from .metrics import reliability_diagram_data
-from .reports import REPORT_METRICS
+from .reports import REPORT_METRICS, path_inside, safe_filename
 from .scoring import score_multiple_choice
 
 
@@ -97,7 +97,9 @@ class CalibrationCallback(TrainerCallback):
 
             os.makedirs(self.output_dir, exist_ok=True)
             data = reliability_diagram_data(scores.confidences, scores.correct, n_bins=self.n_bins)
-            diagram = os.path.join(self.output_dir, f"reliability_{self.name}_{self.split}_step{step}.png")
+            diagram = path_inside(
+                self.output_dir, safe_filename(f"reliability_{self.name}_{self.split}_step{step}") + ".png"
+            )
             plot_reliability_diagram(data=data, title=f"{self.name} ({self.split}), step {step}", path=diagram)
         logs = {
             f"calibration/{self.name}/{k}": report[k] for k in REPORT_METRICS if k != "n" and report.get(k) is not None

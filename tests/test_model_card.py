@@ -24,7 +24,9 @@ def test_cogcalib_card_has_tags_citations_and_results(make_trainer, tmp_path):
     card = ModelCard.load(tmp_path / "README.md")
     assert {"calib-trl", "cogcalib", "sft", "trl"} <= set(card.data.tags)
     assert "wang2025objective" in card.text and "xiao2025restoring" in card.text
-    assert "## Calibration" in card.text and "`calibration_loss=ls`" in card.text and "`ls_epsilon=" in card.text
+    assert (
+        "## Calibration" in card.text and "| calibration_loss | ls |" in card.text and "| ls_epsilon | " in card.text
+    )
     report = callback.history[-1]
     results = {(r.dataset_name, r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert results[("toy-mcq", "test", "ece")] == pytest.approx(report["ece"])
@@ -40,7 +42,7 @@ def test_rcft_card_without_results(make_trainer, tmp_path):
     trainer.create_model_card()
     card = ModelCard.load(tmp_path / "README.md")
     assert {"calib-trl", "rcft"} <= set(card.data.tags) and "cogcalib" not in card.data.tags
-    assert "No calibration results were recorded" in card.text and "`ece_weight=0.5`" in card.text
+    assert "No calibration results were recorded" in card.text and "| ece_weight | 0.5 |" in card.text
     assert card.text.index("xiao2025restoring") < card.text.index("wang2025objective")
 
 
@@ -208,3 +210,30 @@ def test_card_of_a_run_on_the_default_model(make_trainer, default_model_dir, tmp
     # the fine-tuned model keeps the record, so models fine-tuned from it name the same base
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "smol-calib")
     assert getattr(saved.config, BASE_MODEL_CONFIG_KEY) == DEFAULT_MODEL_HUB_ID
+
+
+def test_names_are_escaped_in_the_card_body(make_trainer, tmp_path):
+    """Dataset and split names reach the card's table as text: no new cell, no new line, no HTML, no link."""
+    trainer = make_trainer(make_mcq_dataset(8), max_steps=1, calibration_loss="ecp", apply_to="all")
+    report = calibration_report(np.array([[0.7, 0.3], [0.4, 0.6]]), [0, 0])
+    trainer.record_calibration(report, "my|data\n<script>x</script>", "te|st [a](javascript:alert(1))")
+    trainer.create_model_card(model_name="<b>name</b>", dataset_name="[d](javascript:x)")
+    card = ModelCard.load(tmp_path / "README.md")
+    text = card.text
+    assert "<script>" not in text and "<b>" not in text
+    assert not re.search(r"(?<!\\)\]\(javascript:", text)
+    header = next(line for line in text.splitlines() if line.startswith("| Dataset / split / model"))
+    (row,) = [line for line in text.splitlines() if "script" in line and line.startswith("| ")]
+    assert len(re.findall(r"(?<!\\)\|", row)) == len(re.findall(r"(?<!\\)\|", header))
+    assert card.data.model_name == "<b>name</b>"  # the metadata is YAML, which quotes it
+
+
+def test_card_settings_render_as_a_table_of_plain_values(make_trainer, tmp_path):
+    """The detection setting holds backticks of its own; it is a cell of the settings table, not nested inline code."""
+    trainer = make_trainer(make_mcq_dataset(8, known=True), max_steps=1, calibration_loss="ecp")
+    trainer.train()
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "README.md").text
+    (detection,) = [line for line in text.splitlines() if line.startswith("| detection |")]
+    assert "known" in detection and detection.count("|") - detection.count("\\|") == 3
+    assert "licence" not in (tmp_path / "README.md").read_text()
