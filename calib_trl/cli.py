@@ -16,7 +16,7 @@ import os
 import sys
 
 from .loading import has_splits, load_mcq_dataset, load_model
-from .reports import format_table, json_safe
+from .reports import REPORT_METRICS, format_table, json_safe, path_inside, safe_filename
 
 
 def cmd_evaluate(args) -> dict:
@@ -128,6 +128,51 @@ def cmd_detect(args):
     print(f"Known: {sum(flagged['known'])} of {len(flagged)} rows. Wrote {args.output}")
 
 
+# The reports a calibration.json holds besides its main `report`, and how `report` labels their rows
+SUB_REPORTS = (
+    ("before", "base"),
+    ("ood", "ood"),
+    ("ood_before", "ood, base"),
+    ("temperature_scaled", "TS"),
+    ("ood_temperature_scaled", "ood, TS"),
+)
+
+
+def read_calibration_json(path: str) -> dict:
+    """A `calibration.json` written by `evaluate` or the examples, checked: a `ValueError` names the file and the key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable calibration.json ({err}).") from None
+    if not isinstance(run, dict) or not isinstance(run.get("report"), dict):
+        raise ValueError(
+            f"{path}: expected a JSON object with a `report` object (as `calib-trl evaluate` writes), got "
+            f"{type(run).__name__ if not isinstance(run, dict) else 'no `report` object'}."
+        )
+    for key, _ in (("report", ""), *SUB_REPORTS):
+        report = run.get(key)
+        if isinstance(report, dict) and isinstance(report.get("report"), dict):  # {"temperature": ..., "report": ...}
+            report = report["report"]
+        if report is None:
+            continue
+        if not isinstance(report, dict):
+            raise ValueError(f"{path}: `{key}` must be a report object, got {type(report).__name__}.")
+        for metric in REPORT_METRICS:
+            value = report.get(metric)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}: `{key}.{metric}` must be a number, got {value!r:.40}.")
+    return run
+
+
+def _sub_report(run: dict, key: str) -> dict | None:
+    report = run.get(key)
+    if isinstance(report, dict) and isinstance(report.get("report"), dict):
+        temperature = report.get("temperature")
+        return {**report["report"], **({"temperature": temperature} if temperature is not None else {})}
+    return report
+
+
 def cmd_report(args):
     from .plotting import plot_reliability_diagrams
 
@@ -139,14 +184,20 @@ def cmd_report(args):
         return cmd_report_lm_eval(args)
     if not args.inputs:
         raise ValueError("Pass calibration.json files to compare, or `--lm-eval PATH` for lm-eval's per-sample logs.")
-    runs = {}
-    panels = {}
-    for path in args.inputs:
-        with open(path) as f:
-            run = json.load(f)
-        name = run.get("name") or os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    loaded = [(path, read_calibration_json(path)) for path in args.inputs]
+    names = [
+        run.get("name") or os.path.basename(os.path.dirname(os.path.abspath(path))) or path for path, run in loaded
+    ]
+    if len(set(names)) < len(names):  # runs of the same name (two runs of one example): tell them apart by path
+        names = [f"{name} ({path})" if names.count(name) > 1 else name for name, (path, _) in zip(names, loaded)]
+    runs, panels = {}, {}
+    for name, (_, run) in zip(names, loaded):
         runs[name] = {"n": run.get("n"), **run["report"]}  # `n` of files whose report lacks it
-        if "reliability_diagram" in run:
+        for key, label in SUB_REPORTS:
+            report = _sub_report(run, key)
+            if report is not None:
+                runs[f"{name} · {label}"] = report
+        if isinstance(run.get("reliability_diagram"), dict):
             panels[name] = run["reliability_diagram"]
     table = format_table(runs)
     print(table)
@@ -201,12 +252,10 @@ def cmd_report_lm_eval(args) -> list:
     path = os.path.join(args.output_dir, "calibration.json")
     with open(path, "w") as f:
         json.dump({name: run.to_dict() for name, run in zip(names, runs)}, f, indent=2)
+    used = set()  # task and filter names come from the logs: each becomes a safe, distinct file name inside the folder
     for (task, convention), panel in tqdm(panels.items(), desc="Reliability diagrams", disable=len(panels) < 10):
-        plot_reliability_diagrams(
-            panel,
-            path=os.path.join(args.output_dir, f"reliability_{task}_{convention}.png"),
-            suptitle=f"{task} ({convention})",
-        )
+        name = safe_filename(f"reliability_{task}_{convention}", used) + ".png"
+        plot_reliability_diagrams(panel, path=path_inside(args.output_dir, name), suptitle=f"{task} ({convention})")
     if args.output:
         with open(args.output, "w") as f:
             f.write(table + "\n")
@@ -290,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
+    except (ValueError, OSError, KeyError, ImportError) as err:  # one line, no traceback; a bug still shows one
         print(f"calib-trl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

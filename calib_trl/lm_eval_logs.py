@@ -245,30 +245,39 @@ def _results_json(samples_file: Path) -> dict:
         except (OSError, ValueError) as err:
             raise ValueError(f"{candidate}: not a readable lm-eval results JSON ({err}).") from err
         if isinstance(results, dict) and "results" in results:
+            for key in ("results", "configs"):
+                if key in results and not isinstance(results[key], dict):
+                    raise ValueError(
+                        f"{candidate}: `{key}` must be an object mapping task names to their {key[:-1]}, got "
+                        f"{type(results[key]).__name__}; this is not a results file lm-eval wrote."
+                    )
             return results
     return {}
 
 
 def _load_samples(file: Path) -> list[dict]:
     samples = []
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{file}, line {number}: not valid JSON ({err}).") from err
-            if not isinstance(sample, dict):
-                raise ValueError(f"{file}, line {number}: expected a JSON object (one sample), got {sample!r:.80}.")
-            missing = [key for key in _REQUIRED_FIELDS if key not in sample]
-            if missing:
-                raise ValueError(
-                    f"{file}, line {number}: no {missing} field(s); an lm-eval `--log_samples` line has "
-                    f"{list(_REQUIRED_FIELDS)}."
-                )
-            sample["_line"] = number
-            samples.append(sample)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start}); lm-eval writes UTF-8.") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{file}, line {number}: not valid JSON ({err}).") from err
+        if not isinstance(sample, dict):
+            raise ValueError(f"{file}, line {number}: expected a JSON object (one sample), got {sample!r:.80}.")
+        missing = [key for key in _REQUIRED_FIELDS if key not in sample]
+        if missing:
+            raise ValueError(
+                f"{file}, line {number}: no {missing} field(s); an lm-eval `--log_samples` line has "
+                f"{list(_REQUIRED_FIELDS)}."
+            )
+        sample["_line"] = number
+        samples.append(sample)
     if not samples:
         raise ValueError(f"{file} holds no samples.")
     return samples
@@ -365,6 +374,10 @@ def _read_task(file: Path, task: str, results: dict, n_bins: int) -> dict[str, L
     """task name -> its `LmEvalTask`, or the reason it is skipped (one entry per lm-eval filter)."""
     samples = _load_samples(file)
     config = results.get("configs", {}).get(task, {})
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{file}: the results file's `configs` entry of {task} is a {type(config).__name__}, not a task config."
+        )
     reason = _not_multiple_choice(samples[0], config)
     if reason is not None:
         return {task: reason}
@@ -383,6 +396,8 @@ def _read_task(file: Path, task: str, results: dict, n_bins: int) -> dict[str, L
                 f"{where}: `filtered_resps` must be (log-likelihood, is_greedy) pairs, got {resps!r:.80}."
             )
         lls = np.array([float(resp[0]) for resp in resps])
+        if not np.isfinite(lls).all():
+            raise ValueError(f"{where}: a log-likelihood in `filtered_resps` is not finite ({lls.tolist()}).")
         if "acc_mutual_info" in sample.get("metrics", []):  # the second half: unconditional log-likelihoods
             half = len(lls) // 2
             lls, requests = lls[:half], requests[:half]

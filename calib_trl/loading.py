@@ -109,9 +109,9 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
     `calib_trl.mcq.make_mcq_example`. `split` names a split of `default` or of a saved `DatasetDict`
     (`MissingSplitError` if it has none of that name); a file or a saved `Dataset` has no splits (see `has_splits`).
     """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    from datasets import Dataset, DatasetDict, load_from_disk
 
-    from .mcq import make_mcq_example
+    from .mcq import answer_index, check_choices, make_mcq_example
 
     if dataset == "default":
         from .default_data import load_default_dataset
@@ -127,7 +127,7 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
                 raise MissingSplitError(dataset, split, list(data))
             data = data[split]
     elif os.path.isfile(dataset) and dataset.endswith((".json", ".jsonl")):
-        data = load_dataset("json", data_files=dataset, split="train")
+        data = _load_json_rows(dataset)
     else:
         raise FileNotFoundError(
             f"Dataset {dataset!r} is neither 'default', a directory saved with `save_to_disk`, nor a .json/.jsonl file."
@@ -138,7 +138,41 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
         missing = [c for c in ("choices", "answer") if c not in data.column_names]
         if missing:
             raise ValueError(f"{dataset}: rows with `question` also need {missing}.")
+        try:
+            for i, (choices, answer) in enumerate(zip(data["choices"], data["answer"])):
+                answer_index(answer, len(check_choices(choices, row=i)), row=i)
+        except ValueError as err:
+            raise ValueError(f"{dataset}: {err}") from None
         data = data.map(lambda row: make_mcq_example(row["question"], row["choices"], row["answer"]))
+    if len(data) == 0:
+        raise ValueError(
+            f"{dataset}: no rows{'' if split is None else f' in split {split!r}'}: there is nothing to score."
+        )
     if max_samples is not None:
         data = data.select(range(min(max_samples, len(data))))
     return data
+
+
+def _load_json_rows(path: str):
+    """The rows of a JSON or JSON-lines file, or a `ValueError` naming the file and what is wrong with it."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    with open(path, "rb") as f:
+        if not f.read(4096).strip():
+            raise ValueError(f"{path} is empty: there are no rows to score.")
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # one small file: its bars would only bury what follows
+    try:
+        return load_dataset("json", data_files=path, split="train")
+    except (DatasetGenerationError, ValueError, TypeError) as err:
+        cause = err.__cause__ or err
+        raise ValueError(
+            f"{path}: not a readable JSON(L) dataset ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}). Each "
+            "line must be one JSON object with the same keys (`prompt`, `choices`, `answer`, ...)."
+        ) from None
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()

@@ -14,6 +14,7 @@ reads them.
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,49 @@ DEFAULT_INSTRUCTION = "Answer with only a single letter."
 
 
 REQUIRED_COLUMNS = ("prompt", "choices", "answer")
+
+# An option line of a prompt as `format_question` writes it: "A. text" (or "A) text") at the start of a line
+_OPTION_LINE = re.compile(r"(?m)^([A-Z])[.)] ")
+
+
+def check_choices(choices: Any, row: int | None = None) -> list[str]:
+    """
+    `choices` as a list of option texts, or a `ValueError` naming the row and the column: a string (which would be
+    read as one option per character), a list with `None` or non-text entries, or fewer than 2 or more than 26 options.
+    """
+    where = "" if row is None else f" (row {row})"
+    if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
+        raise ValueError(
+            f"`choices`{where} must be a list of option texts, got {type(choices).__name__} {choices!r:.60}; a string "
+            "would be read as one option per character. Split it into a list first."
+        )
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(
+            f"`choices`{where} must hold 2 to {len(LETTERS)} options, got {len(choices)}: {choices!r:.80}."
+        )
+    bad = next((i for i, c in enumerate(choices) if not isinstance(c, str)), None)
+    if bad is not None:
+        raise ValueError(
+            f"`choices`{where} holds {choices[bad]!r} at position {bad}; every option must be a text (a missing option "
+            "would be shown as 'None')."
+        )
+    return list(choices)
+
+
+def shown_options(prompt: Any) -> int:
+    """
+    How many lettered options (`A.`, `B.`, ... at the start of a line, from `A` on) a prompt shows: a text prompt, or
+    the last message of a conversational one; 0 when it shows none (a prompt in another format).
+    """
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        prompt = prompt[-1].get("content")
+    if not isinstance(prompt, str):
+        return 0
+    letters = set(_OPTION_LINE.findall(prompt))
+    n = 0
+    while n < len(LETTERS) and LETTERS[n] in letters:
+        n += 1
+    return n
 
 
 def format_question(question: str, choices: Sequence[str], instruction: str = DEFAULT_INSTRUCTION) -> str:
@@ -63,6 +107,7 @@ def make_mcq_example(
     letter, so the tokenizer's chat template is applied (as `SFTTrainer` does). Otherwise the prompt ends with
     `"Answer:"` and the completion is `" {letter}"`.
     """
+    choices = check_choices(choices)
     index = answer_index(answer, len(choices))
     letter = LETTERS[index]
     text = format_question(question, choices, instruction)
@@ -118,9 +163,13 @@ def validate_mcq_dataset(dataset, name: str = "dataset", require_completion: boo
             f"(got {columns}). `calib_trl.defaults.load_default_dataset` or `calib_trl.mcq.make_mcq_example` builds "
             "rows in this format."
         )
-    for i, (choices, answer) in enumerate(zip(dataset["choices"], dataset["answer"])):
-        if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS):
-            raise ValueError(
-                f"`choices` (row {i}) must be a list of 2 to {len(LETTERS)} option texts, got {choices!r}."
-            )
+    for i, (prompt, choices, answer) in enumerate(zip(dataset["prompt"], dataset["choices"], dataset["answer"])):
+        choices = check_choices(choices, row=i)
         answer_index(answer, len(choices), row=i)
+        shown = shown_options(prompt)
+        if shown and shown != len(choices):
+            raise ValueError(
+                f"`prompt` (row {i}) shows {shown} lettered options ({', '.join(LETTERS[:shown])}) but `choices` holds "
+                f"{len(choices)}: the option probabilities would not be those of the question asked. Make `choices` "
+                "list every option the prompt shows."
+            )

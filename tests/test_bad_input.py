@@ -127,7 +127,7 @@ def test_answer_not_among_the_options(make_trainer, answers, message):
 def test_too_few_choices():
     rows = make_mcq_dataset(2).to_list()
     rows[0]["choices"] = ["only one"]
-    with pytest.raises(ValueError, match=r"`choices` \(row 0\) must be a list of 2 to 26 option texts"):
+    with pytest.raises(ValueError, match=r"`choices` \(row 0\) must hold 2 to 26 options, got 1"):
         validate_mcq_dataset(Dataset.from_list(rows))
 
 
@@ -611,7 +611,7 @@ def test_formatting_func_is_refused_by_rcft(make_trainer):
 def test_mcq_example_with_bad_answer():
     with pytest.raises(ValueError, match=r"`answer` is 'Z', which is not among the 3 choices \(A, B, C\)"):
         make_mcq_example("Which?", ["a", "b", "c"], "Z")
-    with pytest.raises(ValueError, match=r"A multiple-choice question needs 2 to 26 choices, got 1"):
+    with pytest.raises(ValueError, match=r"`choices` must hold 2 to 26 options, got 1"):
         make_mcq_example("Which?", ["a"], 0)
 
 

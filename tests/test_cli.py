@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 from helpers import make_mcq_dataset, make_tokenizer, reference_option_scores
 from transformers import AutoModelForCausalLM
 
@@ -217,3 +217,87 @@ def test_evaluate_with_temperature_scaling(tiny_model_dir, tiny_dataset_dir, tmp
     capsys.readouterr()
     assert main([*argv, "--temperature", "warm"]) == 2
     assert "--temperature must be `auto` or a number > 0, got 'warm'" in capsys.readouterr().err
+
+
+def one_line_error(capsys, *fragments):
+    """The command failed with one line on stderr that names each fragment, and no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ("", ["is empty"]),
+        (
+            '{"question": "Q?", "choices": ["a", "b"], "answer": 0}\n{"question": "Q?", "choi\n',
+            ["not a readable JSON"],
+        ),
+        ('{"question": "Q?", "choices": "a,b", "answer": 0}\n', ["`choices` (row 0)", "list of option texts"]),
+        ('{"question": "Q?", "choices": ["a", null], "answer": 0}\n', ["`choices` (row 0)", "None"]),
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": 2}\n', ["`answer` (row 0)"]),
+    ],
+)
+def test_evaluate_refuses_malformed_files_in_one_line(tiny_model_dir, tmp_path, capsys, content, fragments):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(content)
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--dataset", str(data)]) == 2
+    one_line_error(capsys, str(data), *fragments)
+
+
+def test_scoring_refuses_choices_that_do_not_match_the_prompt():
+    """A `choices` list shorter than the options the prompt shows would score another question: refused by row."""
+    from calib_trl.mcq import validate_mcq_dataset
+
+    rows = make_mcq_dataset(3).to_list()
+    rows[2]["choices"] = rows[2]["choices"][:3]  # the prompt still shows A-D
+    with pytest.raises(ValueError, match=r"`prompt` \(row 2\) shows 4 lettered options \(A, B, C, D\) but `choices`"):
+        validate_mcq_dataset(Dataset.from_list(rows))
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ('{"name": "a", "report": {"ece": 0.1', ["not a readable calibration.json"]),
+        ("[1, 2]", ["expected a JSON object with a `report` object"]),
+        ('{"name": "a", "report": {"ece": "low"}}', ["`report.ece` must be a number"]),
+        ('{"name": "a", "report": {"ece": 0.1}, "before": {"accuracy": [1]}}', ["`before.accuracy` must be a number"]),
+        (b"\xff\xfe{", ["not a readable calibration.json"]),
+    ],
+)
+def test_report_refuses_malformed_files_in_one_line(tmp_path, capsys, content, fragments):
+    path = tmp_path / "calibration.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["report", str(path)]) == 2
+    one_line_error(capsys, str(path), *fragments)
+
+
+def test_report_keeps_runs_of_the_same_name_and_their_other_rows(tmp_path, capsys):
+    """Two runs of one example carry the same name: both stay, told apart by path, with their before/ood/TS rows."""
+    paths = []
+    for run, ece in (("a", 0.2), ("b", 0.1)):
+        path = tmp_path / run / "calibration.json"
+        path.parent.mkdir()
+        payload = {
+            "name": "CogCalib",
+            "report": {"n": 10, "ece": ece},
+            "before": {"n": 10, "ece": 0.3},
+            "ood": {"n": 8, "ece": ece + 0.05},
+            "temperature_scaled": {"temperature": 2.0, "report": {"n": 10, "ece": ece / 2}},
+        }
+        path.write_text(json.dumps(payload))
+        paths.append(str(path))
+    assert main(["report", *paths]) == 0
+    rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == [
+        f"CogCalib ({paths[0]})",
+        f"CogCalib ({paths[0]}) · base",
+        f"CogCalib ({paths[0]}) · ood",
+        f"CogCalib ({paths[0]}) · TS",
+        f"CogCalib ({paths[1]})",
+        f"CogCalib ({paths[1]}) · base",
+        f"CogCalib ({paths[1]}) · ood",
+        f"CogCalib ({paths[1]}) · TS",
+    ]

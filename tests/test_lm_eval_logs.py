@@ -4,6 +4,7 @@ logs for the cases one run does not show (skipped tasks, malformed files, variab
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -383,3 +384,74 @@ def test_record_lm_eval_puts_the_tasks_in_the_model_card(tmp_path):
     assert results[("mcq", "test (acc_norm)", "accuracy")] == 0.5
     with pytest.raises(ValueError, match="`convention` must be one of"):
         record_lm_eval(trainer, tmp_path / "lm_eval", convention="acc_bytes")
+
+
+def test_names_from_the_logs_cannot_write_outside_the_output_directory(tmp_path, capsys):
+    """A filter (or task) name is a file-name component only: `..` and `/` in it cannot leave `--output-dir`."""
+    crafted = {**mc_sample(0, [-1.0, -2.0], ["a", "b"], "0"), "filter": "x/../../../../PWNED"}
+    write_log(tmp_path / "logs", "t", [crafted, mc_sample(0, [-1.0, -2.0], ["a", "b"], "0")])
+    out = tmp_path / "deep" / "out"
+    assert main(["report", "--lm-eval", str(tmp_path / "logs"), "--output-dir", str(out)]) == 0
+    written = sorted(p for p in tmp_path.rglob("*.png"))
+    assert len(written) == 4 and all(p.parent == out for p in written)
+    assert not list(tmp_path.rglob("PWNED*")) or all(out in p.parents for p in tmp_path.rglob("PWNED*"))
+    # each task and filter keeps a diagram of its own
+    assert len({p.name for p in written}) == 4
+
+
+def test_names_from_the_logs_are_escaped_in_tables_and_cards(tmp_path, capsys):
+    """A split or filter name from an lm-eval log cannot break the markdown table or put markup in the model card."""
+    crafted = {**mc_sample(0, [-1.0, -2.0], ["a", "b"], "0"), "filter": "f|<script>alert(1)</script>"}
+    config = {
+        "output_type": "multiple_choice",
+        "target_delimiter": " ",
+        "test_split": "te|st\n[x](javascript:alert(1))",
+    }
+    path = write_log(tmp_path / "m", "inj", [crafted], config=config)
+    assert main(["report", "--lm-eval", str(path), "--output-dir", str(tmp_path / "r")]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    unescaped_pipes = [len(re.findall(r"(?<!\\)\|", line)) for line in table]
+    assert len(set(unescaped_pipes)) == 1 and "<script>" not in "\n".join(table)
+
+    tok = make_tokenizer()
+    trainer = CalibSFTTrainer(
+        model=make_model(len(tok)),
+        args=CalibSFTConfig(str(tmp_path / "out"), report_to=[], calibration_loss="none", max_steps=1),
+        train_dataset=make_mcq_dataset(4),
+        processing_class=tok,
+    )
+    assert record_lm_eval(trainer, path) == ["inj"]
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "out" / "README.md").text  # the body; the YAML metadata quotes its values
+    assert "<script>" not in text and not re.search(r"(?<!\\)\]\(javascript:", text)
+    row = next(line for line in text.splitlines() if line.startswith("| inj /"))
+    header = next(line for line in text.splitlines() if line.startswith("| Dataset / split / model"))
+    assert len(re.findall(r"(?<!\\)\|", row)) == len(re.findall(r"(?<!\\)\|", header))
+
+
+def test_a_results_file_whose_configs_is_a_list_is_named(tmp_path, capsys):
+    path = write_log(tmp_path, "t", [mc_sample(0, [-1.0, -2.0], ["a", "b"], "0")])
+    results = tmp_path / f"results_{DATE}.json"
+    results.write_text(json.dumps({"results": {"t": {}}, "configs": [{"task": "t"}]}))
+    with pytest.raises(ValueError, match="`configs` must be an object"):
+        from_lm_eval(path)
+    assert main(["report", "--lm-eval", str(path), "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert str(results) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_log_likelihood_names_the_file_and_line(tmp_path, value):
+    sample = mc_sample(0, [-1.0, -2.0], ["a", "b"], "0")
+    sample["filtered_resps"][1][0] = value
+    path = write_log(tmp_path, "t", [mc_sample(1, [-1.0, -2.0], ["a", "b"], "0"), sample])
+    with pytest.raises(ValueError, match=r"line 2 \(doc_id 0\): a log-likelihood in `filtered_resps` is not finite"):
+        from_lm_eval(path)
+
+
+def test_a_samples_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    path = write_log(tmp_path, "t", [mc_sample(0, [-1.0, -2.0], ["a", "b"], "0")])
+    path.write_bytes(path.read_bytes() + b"\xff\xfe\n")
+    assert main(["report", "--lm-eval", str(path), "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not UTF-8 text" in err and "Traceback" not in err
