@@ -110,6 +110,35 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def no_router_logits(model) -> dict:
+    """
+    `{"output_router_logits": False}` for a Mixture-of-Experts model, as inference runs it: `SFTTrainer` turns the
+    config's `output_router_logits` on for training, and a forward or `generate` call with it on computes the
+    load-balancing loss, which fails on a padded or cached batch. `{}` for other models, whose forward has no such
+    argument.
+    """
+    config = extract_model_from_parallel(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"output_router_logits": False} if hasattr(config, "output_router_logits") else {}
+
+
+def position_limit(model) -> int | None:
+    """The number of positions the model declares (`max_position_embeddings`), or `None` when its config has none."""
+    config = extract_model_from_parallel(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_length(row: int, length: int, limit: int | None, what: str, why: str) -> None:
+    """Refuse a row longer than `limit` tokens, naming it: a longer input would be scored past the model's positions."""
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"The {what} of row {row} is {length} tokens long, over the {limit} positions {why}: its scores would not "
+            "be the model's. Drop or shorten the long rows."
+        )
+
+
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -123,6 +152,7 @@ def _pad_id(tokenizer) -> int:
 def next_token_logits(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Logits of the token after the last position, without building logits for the whole sequence."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    kwargs.update(no_router_logits(model))
     try:
         logits = model(**kwargs, logits_to_keep=1).logits
     except TypeError:  # models without `logits_to_keep`
@@ -275,6 +305,7 @@ def score_multiple_choice(
     k_max = int(num_choices.max())
 
     scoring = ScoringPass(n, shard, progress)
+    limit = position_limit(model)
     lookup = OptionTokenLookup(tokenizer, k_max, chat_template)
     extra = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
     rows_extra = dataset.select_columns(extra) if extra else None
@@ -287,6 +318,7 @@ def score_multiple_choice(
                 f"The prompt of row {i} is {len(ids)} tokens long, over `max_length`={max_length}: truncating it would "
                 "cut off the answer position. Raise `max_length` or drop the long rows."
             )
+        check_length(i, len(ids), limit, "prompt", "the model has (`max_position_embeddings`)")
         encoded[i] = ids
         letter_ids[i] = lookup(prompts[i], ids, completions[i], kwargs)
         if lm_check:
@@ -419,6 +451,7 @@ def score_completions(
         raise ValueError("The dataset is empty: there is nothing to score.")
     prompts, completions = dataset["prompt"], dataset["completion"]
     scoring = ScoringPass(n, shard, progress)
+    limit = position_limit(model)
     seqs, comp_len, prompt_ids = {}, {}, {}
     for i in dict.fromkeys(scoring.rows):
         p = tokenize_prompt(tokenizer, prompts[i])
@@ -426,6 +459,7 @@ def score_completions(
         k = common_prefix_length(p, full)
         if k >= len(full):
             raise ValueError(f"Row {i} has an empty completion: there is no answer to score.")
+        check_length(i, len(full), limit, "prompt and completion", "the model has (`max_position_embeddings`)")
         seqs[i], comp_len[i], prompt_ids[i] = full, len(full) - k, p[:k]
     pad_id = _pad_id(tokenizer)
     nll, correct = {}, {}
@@ -433,7 +467,12 @@ def score_completions(
         for batch, ids, mask, pos in scoring.batches(model, seqs, batch_size, pad_id, desc, unit="ex"):
             keep = max(comp_len[i] for i in batch) + 1
             logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                logits_to_keep=keep,
+                use_cache=False,
+                **no_router_logits(model),
             ).logits.float()
             logp = logits[:, :-1].log_softmax(-1)  # predicts the last keep-1 tokens
             targets = ids[:, ids.shape[1] - keep + 1 :].to(logp.device)
@@ -456,6 +495,7 @@ def score_completions(
                     do_sample=False,
                     pad_token_id=pad_id,
                     synced_gpus=scoring.state is not None,
+                    **no_router_logits(model),
                 )
                 texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
                 for r, i in enumerate(batch):

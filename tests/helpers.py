@@ -60,6 +60,31 @@ def make_model(
     return model
 
 
+def make_moe_model(vocab_size: int, seed: int = 0, hidden: int = 32):
+    """A tiny randomly initialised Mixture-of-Experts model (Mixtral: 4 experts, 2 per token) with the router's
+    load-balancing loss on, as TRL trains MoE models."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    return MixtralForCausalLM(cfg)
+
+
 WORDS = "cat dog sun moon tree rock blue red fast slow big tiny old new hot cold".split()
 
 

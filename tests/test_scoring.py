@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from datasets import concatenate_datasets
+from datasets import Dataset, concatenate_datasets
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 
 from calib_trl.scoring import score_multiple_choice
@@ -69,3 +69,18 @@ def test_report_adds_answer_mass_lm_check_and_temperature(setup):
     without = score_multiple_choice(model, tok, data, progress=False)
     assert without.lm_nll is None and "lm_nll" not in without.report()
     np.testing.assert_array_equal(without.probs, scores.probs)
+
+
+def test_a_prompt_longer_than_the_model_positions_is_refused_by_row(tok):
+    """The tiny model has 512 positions and the tokenizer one token per character: a longer prompt is named."""
+    from calib_trl.mcq import make_mcq_example
+    from calib_trl.scoring import score_completions
+
+    rows = make_mcq_dataset(3).to_list()
+    rows[1] = make_mcq_example("why? " * 120, ["a", "b", "c", "d"], 1)
+    model = make_model(len(tok))
+    with pytest.raises(ValueError, match=r"The prompt of row 1 is \d+ tokens long, over the 512 positions"):
+        score_multiple_choice(model, tok, Dataset.from_list(rows), progress=False)
+    open_ended = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    with pytest.raises(ValueError, match=r"The prompt and completion of row 1 is \d+ tokens long, over the 512"):
+        score_completions(model, tok, open_ended, progress=False)

@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
-from helpers import QUIET, TRAINING_CHAT_TEMPLATE, make_mcq_dataset, make_model, make_tokenizer
+from helpers import (
+    QUIET,
+    TRAINING_CHAT_TEMPLATE,
+    make_mcq_dataset,
+    make_model,
+    make_moe_model,
+    make_open_ended_dataset,
+    make_tokenizer,
+)
 from peft import LoraConfig, PromptTuningConfig
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
@@ -107,6 +115,8 @@ SCENARIOS = {
     "training_arguments": dict(data=mcq, args=TrainingArguments),
     "gradient_accumulation": dict(data=mcq, config=dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)),
     "resume_from_checkpoint": dict(data=mcq, config=dict(save_strategy="steps", save_steps=1), resume=True),
+    # a Mixture-of-Experts model with its load-balancing loss on: detection scores and generates on padded batches
+    "moe_open_ended": dict(data=lambda: make_open_ended_dataset(8), model="moe"),
 }
 
 
@@ -122,7 +132,8 @@ def build(kind, scenario, tmp_path, model_dir, **calibration):
         args = SFTConfig(**values)
     else:
         args = CalibSFTConfig(**values, **calibration)
-    model = str(model_dir) if spec.get("model") == "path" else make_model(len(tok), seed=3)
+    model = {"path": str(model_dir), "moe": "moe"}.get(spec.get("model"))
+    model = make_moe_model(len(tok), seed=3) if model == "moe" else model or make_model(len(tok), seed=3)
     trainer_class = SFTTrainer if kind == "sft" else CalibSFTTrainer
     kwargs = spec["trainer"]() if "trainer" in spec else {}
     return trainer_class(model=model, args=args, train_dataset=spec["data"](), processing_class=tok, **kwargs)
@@ -145,7 +156,12 @@ def run(kind, scenario, tmp_path, model_dir, **calibration):
     return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h], before
 
 
-DETECTION_PATHS = {"language_modeling": "no_answer", "skip_prepare_dataset": "no_answer", "iterable_dataset": "stream"}
+DETECTION_PATHS = {
+    "language_modeling": "no_answer",
+    "skip_prepare_dataset": "no_answer",
+    "iterable_dataset": "stream",
+    "moe_open_ended": "training_sample",
+}
 # calibration_space="auto": the option letters for multiple-choice prompt/completion rows in a `Dataset` (packed
 # with 'bfd', which keeps each question whole); the whole vocabulary for rows without choices, conversational rows,
 # a stream and packing that can cut a question off its answer
@@ -157,6 +173,7 @@ VOCABULARY_SPACE = {
     "iterable_dataset",
     "packing_bfd_split",
     "packing_wrapped",
+    "moe_open_ended",
 }
 
 
@@ -172,7 +189,8 @@ def test_calibration_on_trains(scenario, tmp_path, tiny_model_dir):
     assert trainer.detection_summary["path"] == DETECTION_PATHS.get(scenario, "multiple_choice")
     assert trainer.calibration_space == ("vocabulary" if scenario in VOCABULARY_SPACE else "options")
     known = [h["calib/known_fraction"] for h in trainer.state.log_history if "calib/known_fraction" in h]
-    assert known and np.mean(known) > 0  # the calibration term reached some tokens
+    # the calibration term reached some tokens; a random model answers no open-ended row, so none of those is known
+    assert known and (np.mean(known) > 0 or scenario == "moe_open_ended")
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "training_arguments"])  # converted: calibration on
