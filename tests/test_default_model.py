@@ -255,3 +255,20 @@ def test_converted_model_matches_gguf(default_model_dir, monkeypatch):
 
     loaded = defaults.load_default_model(dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16 and getattr(loaded, "hf_quantizer", None) is None
+
+
+def test_a_damaged_cached_file_of_the_same_size_is_converted_again(fake_conversion, caplog):
+    """A zeroed region keeps the file's size: only its checksum tells, and the copy is converted again, with a warning."""
+    _, _, calls = fake_conversion
+    path = defaults.default_model_path()
+    weights = path / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\0" * 4)
+    assert weights.stat().st_size == size
+    with caplog.at_level("WARNING", logger="calib_trl.default_model"):
+        defaults.default_model_path()
+    assert len(calls) == 2 and "model.safetensors does not match the size and sha256" in caplog.text
+    marker = json.loads((path / MARKER_FILE).read_text())
+    assert marker["files"]["model.safetensors"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
