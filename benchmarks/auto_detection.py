@@ -53,8 +53,8 @@ def main():
         return
 
     from calib_trl.defaults import load_default_dataset, load_default_model, load_default_tokenizer
+    from calib_trl.evaluation.scoring import answer_rows, score_completions, score_multiple_choice
     from calib_trl.knowledge import detection_report, fit_knowledge_rule, youden_threshold
-    from calib_trl.scoring import answer_rows, score_completions, score_multiple_choice
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = load_default_model(dtype=dtype).to(args.device).eval()

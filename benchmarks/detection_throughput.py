@@ -7,7 +7,7 @@ Throughput of a knowledge-detection pass against a bare batched forward pass ove
 
 Three timings over the same rows of the default MMLU train split, with the default model:
 
-- `detect`: `calib_trl.scoring.score_answers`, i.e. what `detect_known` runs per row (tokenization included,
+- `detect`: `calib_trl.evaluation.scoring.score_answers`, i.e. what `detect_known` runs per row (tokenization included,
   answer NLL and option probabilities out);
 - `bare`: the strictest baseline: the already-tokenized prompts, in the same length-sorted left-padded batches, through
   `model(input_ids, attention_mask, position_ids, logits_to_keep=1)` and nothing else;
@@ -34,7 +34,7 @@ def main():
     args = parser.parse_args()
 
     from calib_trl.defaults import load_default_dataset, load_default_model, load_default_tokenizer
-    from calib_trl.scoring import ScoringPass, next_token_logits, score_answers
+    from calib_trl.evaluation.scoring import ScoringPass, next_token_logits, score_answers
     from calib_trl.tokenization import tokenize_prompt
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32

@@ -202,14 +202,14 @@ def load_model(smoke: bool, dtype):
 
 
 def score(model, tok, rows, batch_size, lm_check=True):
-    from calib_trl.scoring import score_multiple_choice
+    from calib_trl.evaluation.scoring import score_multiple_choice
 
     return score_multiple_choice(model, tok, rows, batch_size=batch_size, progress=False, lm_check=lm_check)
 
 
 def measure(model, tok, data, mode, batch_size) -> dict:
     """Per-row option logits, answer mass and prompt-text NLL on the evaluation splits, and the fitted temperature."""
-    from calib_trl.temperature_scaling import fit_temperature
+    from calib_trl.evaluation.temperature_scaling import fit_temperature
 
     out = {}
     for split in SPLITS:

@@ -10,16 +10,16 @@ __version__ = "0.1.0.dev0"
 from .calib_sft_config import CalibSFTConfig
 from .calib_sft_trainer import CalibSFTTrainer
 from .calibration_config import CalibrationConfig
-from .callbacks import CalibrationCallback
 from .collator import DataCollatorWithKnowledgeFlags
+from .evaluation.callbacks import CalibrationCallback
+from .evaluation.lm_eval_logs import from_lm_eval, record_lm_eval
+from .evaluation.scoring import MCQScores, score_multiple_choice
+from .evaluation.temperature_scaling import apply_temperature, fit_temperature
 from .knowledge import DetectionReport, OnlineKnowledgeDetector, detect_known
-from .lm_eval_logs import from_lm_eval, record_lm_eval
 from .mcq import make_mcq_example
 from .metrics import calibration_report
 from .rcft_config import CalibRCFTConfig, RCFTConfig
 from .rcft_trainer import RCFTTrainer
-from .scoring import MCQScores, score_multiple_choice
-from .temperature_scaling import apply_temperature, fit_temperature
 
 __all__ = [
     "CalibRCFTConfig",

@@ -24,6 +24,7 @@ from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 
 from .calib_sft_config import DEFAULT_ECP_BETA, CalibSFTConfig
+from .evaluation.scoring import answer_rows
 from .knowledge import KnowledgeRule, OnlineKnowledgeDetector, fit_knowledge_rule
 from .losses import (
     calibration_term,
@@ -34,7 +35,6 @@ from .losses import (
 )
 from .mcq import is_multiple_choice
 from .model_card import COGCALIB_CITATION, RCFT_CITATION, CalibrationModelCardMixin
-from .scoring import answer_rows
 from .trainer_mixin import (
     ANSWER_COLUMN,
     CalibrationTrainerMixin,

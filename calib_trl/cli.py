@@ -15,15 +15,15 @@ import json
 import os
 import sys
 
+from .evaluation.reports import REPORT_METRICS, format_table, json_safe, path_inside, safe_filename
 from .loading import has_splits, load_mcq_dataset, load_model
-from .reports import REPORT_METRICS, format_table, json_safe, path_inside, safe_filename
 
 
 def cmd_evaluate(args) -> dict:
+    from .evaluation.plotting import plot_reliability_diagram
+    from .evaluation.scoring import score_multiple_choice
+    from .evaluation.temperature_scaling import apply_temperature, fit_temperature
     from .metrics import calibration_gaps, reliability_diagram_data
-    from .plotting import plot_reliability_diagram
-    from .scoring import score_multiple_choice
-    from .temperature_scaling import apply_temperature, fit_temperature
 
     data = load_mcq_dataset(args.dataset, args.split, args.max_samples, args.seed)
     # A file (or a saved single `Dataset`) has no splits: the rows are labelled by the file, not by `--split`
@@ -174,7 +174,7 @@ def _sub_report(run: dict, key: str) -> dict | None:
 
 
 def cmd_report(args):
-    from .plotting import plot_reliability_diagrams
+    from .evaluation.plotting import plot_reliability_diagrams
 
     if args.lm_eval:
         if args.inputs or args.figure:
@@ -213,8 +213,8 @@ def cmd_report_lm_eval(args) -> list:
     """Calibration of every multiple-choice task in lm-eval's logs; several models side by side."""
     from tqdm.auto import tqdm
 
-    from .lm_eval_logs import CONVENTIONS, read_lm_eval
-    from .plotting import plot_reliability_diagrams
+    from .evaluation.lm_eval_logs import CONVENTIONS, read_lm_eval
+    from .evaluation.plotting import plot_reliability_diagrams
 
     runs = [run for path in args.lm_eval for run in read_lm_eval(path, n_bins=args.n_bins)]
     names = [run.model for run in runs]

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .evaluation.scoring import answer_rows, score_answers, score_multiple_choice
 from .mcq import is_multiple_choice, validate_mcq_dataset
-from .scoring import answer_rows, score_answers, score_multiple_choice
 
 logger = logging.getLogger(__name__)
 

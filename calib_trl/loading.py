@@ -15,8 +15,8 @@ import os
 import torch
 from huggingface_hub.constants import is_offline_mode
 
-from .default_model import DEFAULT_MODEL_ALIASES, default_model_path
-from .embedded import DEFAULT_MODEL_NAME
+from .defaults.model import DEFAULT_MODEL_ALIASES, default_model_path
+from .defaults.packages import DEFAULT_MODEL_NAME
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,7 +114,7 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
     from .mcq import answer_index, check_choices, make_mcq_example
 
     if dataset == "default":
-        from .default_data import load_default_dataset
+        from .defaults.mmlu import load_default_dataset
 
         splits = load_default_dataset(seed=seed)
         if split not in splits:

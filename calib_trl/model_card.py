@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .reports import REPORT_METRICS, escape_markdown, format_table
+from .evaluation.reports import REPORT_METRICS, escape_markdown, format_table
 
 COGCALIB_CITATION = textwrap.dedent("""\
     @inproceedings{wang2025objective,

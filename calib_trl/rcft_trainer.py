@@ -8,12 +8,12 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from .calib_sft_trainer import CalibSFTTrainer
+from .evaluation.scoring import score_multiple_choice
 from .losses import rcft_ece_loss
 from .mcq import validate_mcq_dataset
 from .metrics import calibration_gaps, calibration_report, equal_width_bins
 from .model_card import COGCALIB_CITATION, RCFT_CITATION
 from .rcft_config import RCFTConfig
-from .scoring import score_multiple_choice
 from .trainer_mixin import ANSWER_COLUMN, hidden_for_outputs, resolve_config, shifted
 
 logger = logging.getLogger(__name__)

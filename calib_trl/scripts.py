@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, ScriptArguments
 
-from .callbacks import CalibrationCallback
+from .evaluation.callbacks import CalibrationCallback
+from .evaluation.plotting import plot_reliability_diagrams
+from .evaluation.reports import format_table, json_safe
+from .evaluation.scoring import score_multiple_choice
 from .loading import MissingSplitError, load_mcq_dataset, load_model
 from .metrics import reliability_diagram_data
-from .plotting import plot_reliability_diagrams
-from .reports import format_table, json_safe
-from .scoring import score_multiple_choice
 
 
 @dataclass

@@ -14,8 +14,8 @@ from transformers import TrainerCallback
 import calib_trl.calib_sft_trainer
 import calib_trl.rcft_trainer
 from calib_trl import CalibRCFTConfig, CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
+from calib_trl.evaluation.scoring import score_multiple_choice
 from calib_trl.mcq import make_mcq_example, validate_mcq_dataset
-from calib_trl.scoring import score_multiple_choice
 from calib_trl.tokenization import option_token_ids
 
 

@@ -189,7 +189,7 @@ def test_hub_id_offline_is_refused(monkeypatch, capsys):
 
 
 def test_evaluate_with_temperature_scaling(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
-    from calib_trl.temperature_scaling import apply_temperature, fit_temperature
+    from calib_trl.evaluation.temperature_scaling import apply_temperature, fit_temperature
 
     out = tmp_path / "ts"
     argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--output-dir", str(out)]

@@ -6,13 +6,14 @@ import os
 
 import pytest
 
-from calib_trl import default_data, defaults
+from calib_trl import defaults
 from calib_trl.defaults import (
     DEFAULT_SPLIT_SIZES,
     OOD_SUBJECTS,
     load_default_dataset,
     load_mmlu_rows,
 )
+from calib_trl.defaults import mmlu as default_data
 from calib_trl.mcq import LETTERS, validate_mcq_dataset
 from calib_trl.tokenization import option_token_ids
 

@@ -8,12 +8,13 @@ import threading
 import pytest
 import torch
 
-from calib_trl import default_model, defaults
-from calib_trl.default_model import MARKER_FILE, MODEL_FILES
+from calib_trl import defaults
 from calib_trl.defaults import (
     DEFAULT_MODEL_NAME,
     resolve_model_name_or_path,
 )
+from calib_trl.defaults import model as default_model
+from calib_trl.defaults.model import MARKER_FILE, MODEL_FILES
 
 
 @pytest.fixture
@@ -267,7 +268,7 @@ def test_a_damaged_cached_file_of_the_same_size_is_converted_again(fake_conversi
         f.seek(size // 2)
         f.write(b"\0" * 4)
     assert weights.stat().st_size == size
-    with caplog.at_level("WARNING", logger="calib_trl.default_model"):
+    with caplog.at_level("WARNING", logger="calib_trl.defaults.model"):
         defaults.default_model_path()
     assert len(calls) == 2 and "model.safetensors does not match the size and sha256" in caplog.text
     marker = json.loads((path / MARKER_FILE).read_text())

@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from calib_trl import calibration_report
+from calib_trl.evaluation.reports import report_keys
 from calib_trl.loading import MissingSplitError
-from calib_trl.reports import report_keys
 from calib_trl.scripts import CalibScriptArguments, load_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

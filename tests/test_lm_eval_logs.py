@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, calibration_report, from_lm_eval, record_lm_eval
 from calib_trl.cli import main
 from calib_trl.defaults import load_mmlu_rows
-from calib_trl.lm_eval_logs import read_lm_eval
+from calib_trl.evaluation.lm_eval_logs import read_lm_eval
 
 LETTERS = "ABCD"
 TASK_YAML = """\

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calib_trl import CalibrationCallback, RCFTTrainer, calibration_report
 from calib_trl.defaults import BASE_MODEL_CONFIG_KEY
-from calib_trl.reports import REPORT_METRICS
+from calib_trl.evaluation.reports import REPORT_METRICS
 
 
 def test_cogcalib_card_has_tags_citations_and_results(make_trainer, tmp_path):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+from calib_trl.evaluation.plotting import plot_reliability_diagram, plot_reliability_diagrams
 from calib_trl.metrics import reliability_diagram_data
-from calib_trl.plotting import plot_reliability_diagram, plot_reliability_diagrams
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

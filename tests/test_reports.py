@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from calib_trl.reports import format_table, json_safe, path_inside, safe_filename
+from calib_trl.evaluation.reports import format_table, json_safe, path_inside, safe_filename
 
 
 def test_format_table_shows_the_known_keys_present_in_order():

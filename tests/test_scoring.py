@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 
-from calib_trl.scoring import score_multiple_choice
+from calib_trl.evaluation.scoring import score_multiple_choice
 from calib_trl.tokenization import option_token_ids, prompt_text_tokens, tokenize_prompt
 
 
@@ -73,8 +73,8 @@ def test_report_adds_answer_mass_lm_check_and_temperature(setup):
 
 def test_a_prompt_longer_than_the_model_positions_is_refused_by_row(tok):
     """The tiny model has 512 positions and the tokenizer one token per character: a longer prompt is named."""
+    from calib_trl.evaluation.scoring import score_completions
     from calib_trl.mcq import make_mcq_example
-    from calib_trl.scoring import score_completions
 
     rows = make_mcq_dataset(3).to_list()
     rows[1] = make_mcq_example("why? " * 120, ["a", "b", "c", "d"], 1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from calib_trl.temperature_scaling import apply_temperature, fit_temperature
+from calib_trl.evaluation.temperature_scaling import apply_temperature, fit_temperature
 
 
 def nll(logits, labels, t):

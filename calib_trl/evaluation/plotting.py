@@ -14,7 +14,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .metrics import reliability_diagram_data
+from ..metrics import reliability_diagram_data
 
 __all__ = ["plot_reliability_diagram", "plot_reliability_diagrams"]
 

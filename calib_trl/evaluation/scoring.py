@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from trl.data_utils import common_prefix_length, get_dataset_column_names, is_conversational, maybe_convert_to_chatml
 from trl.trainer.utils import pad
 
-from .mcq import answer_index, is_multiple_choice, validate_mcq_dataset
-from .tokenization import (
+from ..mcq import answer_index, is_multiple_choice, validate_mcq_dataset
+from ..tokenization import (
     OptionTokenLookup,
     prompt_text_tokens,
     template_kwargs,
@@ -204,7 +204,7 @@ class MCQScores:
         `calibration_report` of the option probabilities (after temperature scaling by `temperature`, if given), with
         `answer_mass` (mean over rows) and `lm_nll` (when measured) beside it, and `temperature` when one was applied.
         """
-        from .metrics import calibration_report
+        from ..metrics import calibration_report
         from .temperature_scaling import apply_temperature
 
         probs = self.probs if temperature is None else apply_temperature(self.logits, temperature)
@@ -222,7 +222,7 @@ class _LastHidden:
     """Keeps the last hidden state of a causal LM's backbone during one forward pass (the LM check reads it)."""
 
     def __init__(self, model):
-        from .trainer_mixin import unwrap_base
+        from ..trainer_mixin import unwrap_base
 
         self.base = unwrap_base(model)
         self.value = None
@@ -242,7 +242,7 @@ _LM_CHECK_CHUNK = 512
 @torch.no_grad()
 def _token_nll(base_model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """`-log p(target)` of each `[hidden, target]` pair through the model's LM head, in float32, chunk by chunk."""
-    from .losses import full_lm_head_params, lm_head_transform, project_logits
+    from ..losses import full_lm_head_params, lm_head_transform, project_logits
 
     weight, bias, gather = full_lm_head_params(base_model.get_output_embeddings())
     transform = lm_head_transform(base_model)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .metrics import calibration_report, reliability_diagram_data
+from ..metrics import calibration_report, reliability_diagram_data
 from .reports import json_safe
 
 logger = logging.getLogger(__name__)

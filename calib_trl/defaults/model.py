@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .embedded import DEFAULT_MODEL_NAME, gguf_path
-from .model_card import BASE_MODEL_CONFIG_KEY
+from ..model_card import BASE_MODEL_CONFIG_KEY
+from .packages import DEFAULT_MODEL_NAME, gguf_path
 
 logger = logging.getLogger(__name__)
 
