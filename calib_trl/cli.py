@@ -16,93 +16,114 @@ import os
 import sys
 
 from .evaluation.reports import REPORT_METRICS, format_table, json_safe, path_inside, safe_filename
-from .loading import has_splits, load_mcq_dataset, load_model
+from .loading import has_splits, load_model, load_split
+
+
+def _temperature(args, model, tokenizer) -> float | None:
+    """`--temperature`: `auto` fits it on `--calibration-split`, a number is taken as it is."""
+    from .evaluation.evaluate import fit_temperature_on
+    from .evaluation.temperature_scaling import describe_temperature
+
+    if args.temperature is None:
+        return None
+    if args.temperature == "auto":
+        held_out = load_split(args.dataset, args.calibration_split, args.max_calibration_samples, args.seed)
+        temperature = fit_temperature_on(model, tokenizer, held_out, batch_size=args.batch_size)
+        print(
+            f"Temperature fitted on {args.calibration_split} ({len(held_out)} rows): {describe_temperature(temperature)}"
+        )
+        return temperature
+    try:
+        temperature = float(args.temperature)
+    except ValueError:
+        raise ValueError(f"--temperature must be `auto` or a number > 0, got {args.temperature!r}.") from None
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be `auto` or a number > 0, got {args.temperature!r}.")
+    return temperature
 
 
 def cmd_evaluate(args) -> dict:
+    from .evaluation.evaluate import evaluate_calibration, row_kind
     from .evaluation.plotting import plot_reliability_diagram
-    from .evaluation.scoring import score_multiple_choice
-    from .evaluation.temperature_scaling import apply_temperature, fit_temperature
     from .metrics import calibration_gaps, reliability_diagram_data
 
-    data = load_mcq_dataset(args.dataset, args.split, args.max_samples, args.seed)
+    data = load_split(args.dataset, args.split, args.max_samples, args.seed)
     # A file (or a saved single `Dataset`) has no splits: the rows are labelled by the file, not by `--split`
     split = args.split if has_splits(args.dataset) else None
     part = split if split is not None else os.path.basename(os.path.normpath(args.dataset))
+    kind = row_kind(data)
+    work = "answering greedily" if kind == "generation" else "scoring the option letters of"
+    extra = f", then the {args.train_split} split" if args.train_split else ""
+    fit = f"; fitting the temperature on {args.calibration_split} first" if args.temperature == "auto" else ""
+    print(f"{work.capitalize()} {len(data)} rows of {part}{extra}{fit} (--max-samples bounds the rows).")
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    scores = score_multiple_choice(
-        model, tokenizer, data, batch_size=args.batch_size, desc=f"Scoring {part}", lm_check=True
-    )
-    report = scores.report(n_bins=args.n_bins)
+    temperature = _temperature(args, model, tokenizer)
+    options = dict(batch_size=args.batch_size, n_bins=args.n_bins, max_new_tokens=args.max_new_tokens)
+    result = evaluate_calibration(model, tokenizer, data, temperature=temperature, desc=f"Scoring {part}", **options)
+    report = result.report
     rows = {f"{args.model} / {part}": report}
-    temperature = None
-    if args.temperature is not None:
-        if args.temperature == "auto":
-            held_out = load_mcq_dataset(args.dataset, args.calibration_split, args.max_calibration_samples, args.seed)
-            fit = score_multiple_choice(
-                model, tokenizer, held_out, batch_size=args.batch_size, desc=f"Scoring {args.calibration_split}"
-            )
-            temperature = fit_temperature(fit.logits, fit.labels)
-            print(f"Temperature fitted on {args.calibration_split} ({len(held_out)} rows): T = {temperature:.4f}")
-        else:
-            try:
-                temperature = float(args.temperature)
-            except ValueError:
-                raise ValueError(f"--temperature must be `auto` or a number > 0, got {args.temperature!r}.") from None
-            if not temperature > 0:
-                raise ValueError(f"--temperature must be `auto` or a number > 0, got {args.temperature!r}.")
-        scaled = scores.report(n_bins=args.n_bins, temperature=temperature)
-        rows[f"{args.model} / {part}, T={temperature:.3g}"] = scaled
+    if result.scaled_report is not None:
+        rows[f"{args.model} / {part}, T={temperature:.3g}"] = result.scaled_report
     train_report = None
     if args.train_split is not None:
-        train = load_mcq_dataset(args.dataset, args.train_split, args.max_samples, args.seed)
-        train_scores = score_multiple_choice(
-            model, tokenizer, train, args.batch_size, desc=f"Scoring {args.train_split}"
-        )
-        train_report = train_scores.report(n_bins=args.n_bins)
+        train = load_split(args.dataset, args.train_split, args.max_samples, args.seed)
+        train_report = evaluate_calibration(
+            model, tokenizer, train, lm_check=False, desc=f"Scoring {args.train_split}", **options
+        ).report
     gaps = calibration_gaps(report, train_report)
     os.makedirs(args.output_dir, exist_ok=True)
     diagram = os.path.join(args.output_dir, "reliability_diagram.png")
-    data_rd = reliability_diagram_data(scores.confidences, scores.correct, n_bins=args.n_bins)
+    data_rd = reliability_diagram_data(result.confidences, result.correct, n_bins=args.n_bins)
     title = f"{args.model} on {args.dataset}" + (f"/{split}" if split is not None else "")
     plot_reliability_diagram(data=data_rd, title=title, path=diagram)
     out = {
         "model": args.model,
         "dataset": args.dataset,
         "split": split,
+        "kind": kind,
         "n": len(data),
         "report": report,
         "gaps": gaps,
         "reliability_diagram": data_rd,
     }
     if temperature is not None:
-        probs = apply_temperature(scores.logits, temperature)
         out["temperature_scaled"] = {
             "temperature": temperature,
             "fitted_on": args.calibration_split if args.temperature == "auto" else None,
-            "report": rows[f"{args.model} / {part}, T={temperature:.3g}"],
-            "reliability_diagram": reliability_diagram_data(
-                probs.max(1), probs.argmax(1) == scores.labels, args.n_bins
-            ),
+            "report": result.scaled_report,
+            "reliability_diagram": reliability_diagram_data(result.scaled_confidences, result.correct, args.n_bins),
         }
-    path = os.path.join(args.output_dir, "calibration.json")
-    with open(path, "w") as f:
+    written = [os.path.join(args.output_dir, "calibration.json"), diagram]
+    with open(written[0], "w") as f:
         json.dump(json_safe(out), f, indent=2)
+    if kind == "generation":  # what the model answered, row by row
+        written.append(os.path.join(args.output_dir, "answers.jsonl"))
+        scores = result.scores
+        with open(written[-1], "w") as f:
+            for i, (answer, reference) in enumerate(zip(scores.answers, scores.references)):
+                row = {"row": i, "answer": answer, "reference": reference, "correct": bool(scores.correct[i])}
+                row["confidence"] = float(result.confidences[i])
+                f.write(json.dumps(row) + "\n")
     print(format_table(rows))
+    if temperature is not None:
+        from .evaluation.temperature_scaling import at_temperature_bound, describe_temperature
+
+        if at_temperature_bound(temperature):
+            print(f"\n{describe_temperature(temperature)}.")
     print(f"\nconfidence gap |accuracy - mean confidence| = {gaps['confidence_gap']:.4f} (a lower bound on the ECE)")
     if train_report is not None:
         print(f"{args.train_split} accuracy {gaps['train_accuracy']:.4f}: {gaps['accuracy_gap']:+.4f} over {part}")
-    print(f"\nWrote {path} and {diagram}")
+    print(f"\nWrote {', '.join(written)}")
     return out
 
 
 def cmd_detect(args):
     from .knowledge import detect_known
 
-    data = load_mcq_dataset(args.dataset, args.split, args.max_samples, args.seed)
+    data = load_split(args.dataset, args.split, args.max_samples, args.seed)
     calibration = None
     if args.threshold is None:
-        calibration = load_mcq_dataset(args.dataset, args.calibration_split, args.max_calibration_samples, args.seed)
+        calibration = load_split(args.dataset, args.calibration_split, args.max_calibration_samples, args.seed)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     style = {"learning_rate": args.style_adaptation_lr, "batch_size": args.style_adaptation_batch_size}
     flagged, report = detect_known(
@@ -270,18 +291,33 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--model", default="default", help="Model directory, or `default` (SmolLM2-135M-Instruct).")
         p.add_argument(
-            "--dataset", default="default", help="`default` (MMLU), a save_to_disk directory or a JSON(L) file."
+            "--dataset",
+            default="default",
+            help="An embedded dataset (`default` = `arithmetic`, `arithmetic-mc`, `mmlu`), a save_to_disk directory or "
+            "a JSON(L) file: multiple-choice rows (`prompt`, `choices`, `answer`) or open-ended ones (`prompt`, "
+            "`completion`).",
         )
-        p.add_argument("--max-samples", type=int, default=None, help="Use only the first N rows.")
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
-        p.add_argument("--seed", type=int, default=0, help="Seed of the default dataset's splits.")
+        p.add_argument(
+            "--max-samples", type=int, default=None, help="Use only the first N rows (all of them when unset)."
+        )
+        p.add_argument("--batch-size", type=int, default=16, help="Rows per forward pass or `generate` call.")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Model dtype.")
+        p.add_argument("--device", default=None, help="cuda if available, else cpu, when unset.")
+        p.add_argument("--seed", type=int, default=0, help="Seed of the embedded datasets' splits.")
 
-    ev = sub.add_parser("evaluate", help="Accuracy, ECE, class-wise ECE, Brier, ... and a reliability diagram.")
+    ev = sub.add_parser(
+        "evaluate",
+        help="Accuracy, ECE, AUROC, Brier, ... and a reliability diagram, of multiple-choice or generated answers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     common(ev)
-    ev.add_argument("--split", default="test", help="Split of `default` or of a saved DatasetDict (a file has none).")
-    ev.add_argument("--n-bins", type=int, default=10)
+    ev.add_argument(
+        "--max-new-tokens", type=int, default=32, help="Open-ended rows: the longest generated answer, in tokens."
+    )
+    ev.add_argument(
+        "--split", default="test", help="Split of an embedded dataset or of a saved DatasetDict (a file has none)."
+    )
+    ev.add_argument("--n-bins", type=int, default=10, help="Equal-width bins of the ECE and the diagram.")
     ev.add_argument(
         "--temperature",
         default=None,
@@ -289,24 +325,32 @@ def build_parser() -> argparse.ArgumentParser:
         "number applies that T.",
     )
     ev.add_argument("--calibration-split", default="calibration", help="Split `--temperature auto` is fitted on.")
-    ev.add_argument("--max-calibration-samples", type=int, default=None)
+    ev.add_argument(
+        "--max-calibration-samples", type=int, default=None, help="Rows of --calibration-split used (all when unset)."
+    )
     ev.add_argument(
         "--train-split",
         default=None,
         help="Also score the training rows of this split: their accuracy gap to --split.",
     )
-    ev.add_argument("--output-dir", default="outputs/evaluate")
+    ev.add_argument("--output-dir", default="outputs/evaluate", help="Where calibration.json and the diagram go.")
     ev.set_defaults(func=cmd_evaluate)
 
-    de = sub.add_parser("detect", help="Flag known examples (CogCalib's knowledge-bias detection).")
+    de = sub.add_parser(
+        "detect",
+        help="Flag known examples (CogCalib's knowledge-bias detection).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     common(de)
-    de.add_argument("--split", default="train")
-    de.add_argument("--calibration-split", default="calibration")
-    de.add_argument("--max-calibration-samples", type=int, default=None)
+    de.add_argument("--split", default="train", help="Split whose rows are flagged.")
+    de.add_argument("--calibration-split", default="calibration", help="Split the threshold is fitted on.")
+    de.add_argument(
+        "--max-calibration-samples", type=int, default=None, help="Rows of --calibration-split used (all when unset)."
+    )
     de.add_argument("--threshold", type=float, default=None, help="Skip fitting; use this NLL threshold.")
-    de.add_argument("--style-adaptation-steps", type=int, default=0)
-    de.add_argument("--style-adaptation-lr", type=float, default=4e-5)
-    de.add_argument("--style-adaptation-batch-size", type=int, default=64)
+    de.add_argument("--style-adaptation-steps", type=int, default=0, help="SFT steps on the task's format first.")
+    de.add_argument("--style-adaptation-lr", type=float, default=4e-5, help="Learning rate of style adaptation.")
+    de.add_argument("--style-adaptation-batch-size", type=int, default=64, help="Rows per style-adaptation step.")
     de.add_argument("--output", required=True, help="A directory (save_to_disk) or a .jsonl file.")
     de.set_defaults(func=cmd_detect)
 

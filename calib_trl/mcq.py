@@ -148,6 +148,14 @@ def is_multiple_choice(dataset) -> bool:
     return "choices" in names and "answer" in names
 
 
+def claims_multiple_choice(dataset) -> bool:
+    """Whether the rows carry `choices` or `answer`: meant as multiple choice (and checked as such, to say what's missing)."""
+    names = dataset.column_names
+    if names is None:
+        names = list(next(iter(dataset)).keys())
+    return "choices" in names or "answer" in names
+
+
 def validate_mcq_dataset(dataset, name: str = "dataset", require_completion: bool = False) -> None:
     """Raise a `ValueError` naming the problem if `dataset` is not a usable multiple-choice dataset."""
     columns = getattr(dataset, "column_names", None)

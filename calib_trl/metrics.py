@@ -47,6 +47,7 @@ __all__ = [
     "calibration_report",
     "classwise_ece",
     "confidence_auroc",
+    "confidence_report",
     "equal_width_bins",
     "expected_calibration_error",
     "maximum_calibration_error",
@@ -587,6 +588,55 @@ def reliability_diagram_data(confidences: Any, correct: Any, n_bins: int = 10) -
     }
 
 
+def _confidence_metrics(conf: torch.Tensor, acc: torch.Tensor, n_bins: int) -> dict[str, float | int]:
+    """The metrics of confidences against correctness that every report holds (validated float64 inputs)."""
+    return {
+        "accuracy": float(acc.mean()),
+        "mean_confidence": float(conf.mean()),
+        "ece": _ece(conf, acc, n_bins, "uniform"),
+        "ece_equal_mass": _ece(conf, acc, n_bins, "quantile"),
+        "smooth_ece": _smooth_ece(conf, acc),
+        "mce": _mce(conf, acc, n_bins),
+        "auroc": _auroc(conf, acc),
+        "n": int(conf.numel()),
+        "n_bins": n_bins,
+    }
+
+
+def confidence_report(confidences: Any, correct: Any, n_bins: int = 10) -> dict[str, float | int]:
+    r"""
+    All calibration metrics of a set of answers given as a confidence and a correctness each: generated answers (the
+    confidence of the answer, correct when it matches the reference), or any binary prediction.
+
+    Args:
+        confidences (`array-like` of shape `(N,)`):
+            Confidence of each answer, in `[0, 1]`.
+        correct (`array-like` of shape `(N,)`):
+            Whether each answer is right (booleans or 0/1).
+        n_bins (`int`, *optional*, defaults to `10`):
+            Number of bins of the ECE, equal-mass ECE and MCE.
+
+    Returns:
+        `dict`: the keys of `calibration_report` but `cw_ece` (there are no classes), with `brier` the squared error
+        `mean (c - correct)^2` and `nll` the log loss `mean -[correct log c + (1 - correct) log(1 - c)]` of the
+        confidence (clamped to `[NLL_EPS, 1 - NLL_EPS]`).
+
+    Example:
+
+    ```python
+    >>> report = confidence_report([0.9, 0.6, 0.2], [1, 0, 0])
+    >>> report["accuracy"], round(report["brier"], 6), report["auroc"]
+    (0.3333333333333333, 0.136667, 1.0)
+    ```
+    """
+    n_bins = _check_n_bins(n_bins)
+    conf, acc = _check_confidences(confidences, correct)
+    clamped = conf.clamp(min=NLL_EPS, max=1 - NLL_EPS)
+    log_loss = -(acc * torch.log(clamped) + (1 - acc) * torch.log1p(-clamped))
+    report = _confidence_metrics(conf, acc, n_bins)
+    return {**report, "brier": float(((conf - acc) ** 2).mean()), "nll": float(log_loss.mean())}
+
+
 def calibration_report(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, float | int]:
     r"""
     All calibration metrics of a set of multiple-choice predictions.
@@ -636,18 +686,10 @@ def calibration_report(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, f
     target = torch.nn.functional.one_hot(y, p.shape[1]).to(torch.float64)
     p_label = p.gather(1, y[:, None]).squeeze(1).clamp(min=NLL_EPS, max=1.0)
     return {
-        "accuracy": float(acc.mean()),
-        "mean_confidence": float(conf.mean()),
-        "ece": _ece(conf, acc, n_bins, "uniform"),
-        "ece_equal_mass": _ece(conf, acc, n_bins, "quantile"),
-        "smooth_ece": _smooth_ece(conf, acc),
+        **_confidence_metrics(conf, acc, n_bins),
         "cw_ece": _classwise_ece(p, y, n_bins),
-        "mce": _mce(conf, acc, n_bins),
         "brier": float(((p - target) ** 2).sum(dim=1).mean()),
         "nll": float(-torch.log(p_label).mean()),
-        "auroc": _auroc(conf, acc),
-        "n": int(p.shape[0]),
-        "n_bins": n_bins,
     }
 
 

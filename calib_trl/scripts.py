@@ -10,10 +10,10 @@ import torch
 from trl import ModelConfig, ScriptArguments
 
 from .evaluation.callbacks import CalibrationCallback
+from .evaluation.evaluate import evaluate_calibration
 from .evaluation.plotting import plot_reliability_diagrams
 from .evaluation.reports import format_table, json_safe
-from .evaluation.scoring import score_multiple_choice
-from .loading import MissingSplitError, load_mcq_dataset, load_model
+from .loading import MissingSplitError, load_model, load_split
 from .metrics import reliability_diagram_data
 
 
@@ -72,10 +72,8 @@ def evaluate_splits(model, tokenizer, splits, batch_size):
 
 
 def evaluate(model, tokenizer, data, batch_size):
-    scores = score_multiple_choice(
-        model, tokenizer, data, batch_size=batch_size, desc="Evaluating", shard=True, lm_check=True
-    )
-    return scores.report(), reliability_diagram_data(scores.confidences, scores.correct)
+    result = evaluate_calibration(model, tokenizer, data, batch_size=batch_size, desc="Evaluating", shard=True)
+    return result.report, reliability_diagram_data(result.confidences, result.correct)
 
 
 def load_splits(script_args, keys=("train", "eval", "calibration", "ood"), optional=("calibration",)):
@@ -94,7 +92,7 @@ def load_splits(script_args, keys=("train", "eval", "calibration", "ood"), optio
         if key not in keys or name is None or (key == "ood" and name.lower() == "none"):
             continue
         try:
-            splits[key] = load_mcq_dataset(script_args.dataset_name, name, cap or None)  # 0: all rows
+            splits[key] = load_split(script_args.dataset_name, name, cap or None)  # 0: all rows
         except MissingSplitError as err:
             if key in optional:
                 continue

@@ -339,3 +339,38 @@ def mixed_choices_dataset(n=12, seed=1, known=True):
             make_mcq_dataset(n - n // 2, seed=seed + 50, num_choices=3, known=known),
         ]
     ).shuffle(seed=seed)
+
+
+def reference_greedy_answers(model, tok, dataset, max_new_tokens: int, temperature: float = 1.0) -> dict:
+    """
+    Greedy answers written from the definition, one row at a time, with no calib-trl code and no `generate`: the
+    row's conversational prompt through the chat template, then the argmax of the full logits, token by token, until
+    the end-of-sequence token or `max_new_tokens`. Returns per row the decoded `answers`, the length-normalised
+    probability of the answer's tokens and of the end-of-sequence token when it came (`sequence`, with the logits
+    divided by `temperature`), the probability of the first token with a letter or digit (`first_token`), and the
+    mean entropy of the next-token distribution over those positions (`entropy`).
+    """
+    import numpy as np
+
+    out = {"answers": [], "sequence": [], "first_token": [], "entropy": []}
+    model.eval()
+    for row in dataset:
+        ids = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+        logps, scaled, entropies, tokens = [], [], [], []
+        for _ in range(max_new_tokens):
+            with torch.no_grad():
+                z = model(input_ids=torch.tensor([ids + tokens])).logits[0, -1].double()
+            token = int(z.argmax())
+            logp = z.log_softmax(-1)
+            logps.append(float(logp[token]))
+            scaled.append(float((z / temperature).log_softmax(-1)[token]))
+            entropies.append(float(-(logp.exp() * logp).sum()))
+            if token == tok.eos_token_id:
+                break
+            tokens.append(token)
+        first = next((k for k, t in enumerate(tokens) if any(ch.isalnum() for ch in tok.decode([t]))), 0)
+        out["answers"].append(tok.decode(tokens, skip_special_tokens=True).strip())
+        out["sequence"].append(float(np.exp(np.mean(scaled))))
+        out["first_token"].append(float(np.exp(scaled[first])))
+        out["entropy"].append(float(np.mean(entropies)))
+    return {k: (np.array(v) if k != "answers" else v) for k, v in out.items()}

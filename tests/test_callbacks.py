@@ -54,3 +54,27 @@ def test_callback_rejects_bad_dataset(make_trainer):
         CalibrationCallback(trainer, make_mcq_dataset(4).remove_columns("answer"))
     with pytest.raises(ValueError, match="eval_steps"):
         CalibrationCallback(trainer, make_mcq_dataset(4), eval_steps=0)
+
+
+def test_callback_measures_generated_answers_on_open_ended_rows(make_trainer, tok, tmp_path):
+    from helpers import make_open_ended_dataset, reference_greedy_answers
+
+    from calib_trl.metrics import confidence_report
+
+    train, evaluation = make_open_ended_dataset(8), make_open_ended_dataset(6)
+    trainer = make_trainer(train, calibration_loss="ecp", apply_to="all", max_steps=2, logging_steps=1)
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    callback = CalibrationCallback(trainer, evaluation, name="open", split="test", on_epoch=False, max_new_tokens=4)
+    trainer.add_callback(callback)
+    trainer.train()
+    (logged,) = [log for log in recorder.logs if "calibration/open/ece" in log]
+    reference = reference_greedy_answers(trainer.model, tok, evaluation, max_new_tokens=4)
+    correct = [row["completion"][0]["content"] in a.split() for a, row in zip(reference["answers"], evaluation)]
+    expected = confidence_report(reference["sequence"], correct)
+    for key in ("accuracy", "ece", "brier", "mean_confidence", "smooth_ece"):
+        assert logged[f"calibration/open/{key}"] == pytest.approx(expected[key], rel=1e-4)
+    assert logged["calibration/open/entropy"] == pytest.approx(reference["entropy"].mean(), rel=1e-4)
+    assert (tmp_path / "calibration" / "reliability_open_test_step2.png").stat().st_size > 1000
+    (record,) = trainer.calibration_results
+    assert record["report"]["kind"] == "generation"

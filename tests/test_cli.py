@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from calib_trl import calibration_report
 from calib_trl.cli import main
+from calib_trl.evaluation.reports import json_safe
 from calib_trl.knowledge import youden_threshold
 
 
@@ -32,7 +33,9 @@ def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir
         == 0
     )
     printed = capsys.readouterr().out
-    assert "accuracy" in printed.splitlines()[0] and "| ece |" in printed.splitlines()[0]
+    assert printed.startswith("Scoring the option letters of 12 rows of test")  # before the long pass, what it does
+    header = next(line for line in printed.splitlines() if line.startswith("|"))
+    assert "accuracy" in header and "| ece |" in header and "| auroc |" in header
     result = json.loads((out / "calibration.json").read_text())
     # the numbers of the split scored independently, from the full logits
     data = load_from_disk(str(tiny_dataset_dir))["test"]
@@ -147,7 +150,7 @@ def test_report_shows_n_and_the_columns_of_evaluate(tiny_model_dir, tiny_dataset
     for split, rows in (("test", 12), ("ood", 5)):
         argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--split", split]
         assert main([*argv, "--max-samples", str(rows), "--output-dir", str(tmp_path / split)]) == 0
-        headers.append(capsys.readouterr().out.splitlines()[0])
+        headers.append(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("|")))
     assert headers[0] == headers[1] and headers[0].startswith("|  | n | accuracy |")
     paths = [str(tmp_path / split / "calibration.json") for split in ("test", "ood")]
     assert main(["report", *paths]) == 0
@@ -171,7 +174,7 @@ def test_evaluate_labels_a_file_by_its_name(tiny_model_dir, tmp_path, capsys):
     "argv, message",
     [
         (["evaluate", "--model", "./no/such/model"], "does not exist"),
-        (["evaluate", "--dataset", "/no/such/data.jsonl"], "neither 'default'"),
+        (["evaluate", "--dataset", "/no/such/data.jsonl"], "neither an embedded dataset"),
         (["evaluate", "--split", "nope"], "splits"),
     ],
 )
@@ -205,7 +208,12 @@ def test_evaluate_with_temperature_scaling(tiny_model_dir, tiny_dataset_dir, tmp
     assert scaled["temperature"] == pytest.approx(t) and scaled["fitted_on"] == "calibration"
     test = reference_option_scores(model, make_tokenizer(), data["test"])
     checks = {"answer_mass": test["answer_mass"].mean(), "lm_nll": test["lm_nll"]}
-    expected = {**calibration_report(apply_temperature(test["logits"], t), test["labels"]), **checks, "temperature": t}
+    expected = {
+        **calibration_report(apply_temperature(test["logits"], t), test["labels"]),
+        **checks,
+        "temperature": t,
+        "temperature_at_bound": False,
+    }
     assert scaled["report"].keys() == expected.keys()
     for key, value in expected.items():
         assert scaled["report"][key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
@@ -301,3 +309,57 @@ def test_report_keeps_runs_of_the_same_name_and_their_other_rows(tmp_path, capsy
         f"CogCalib ({paths[1]}) · ood",
         f"CogCalib ({paths[1]}) · TS",
     ]
+
+
+def test_evaluate_measures_the_calibration_of_generated_answers(tiny_model_dir, tmp_path, capsys):
+    """Open-ended rows: greedy answers, their match with the reference, and their confidence, as a greedy loop on full
+    logits gives them; the table shows AUROC beside ECE, and answers.jsonl what the model said."""
+    from helpers import make_open_ended_dataset, reference_greedy_answers
+
+    from calib_trl.metrics import confidence_report
+
+    rows = make_open_ended_dataset(8)
+    data = tmp_path / "open.jsonl"
+    rows.to_json(str(data))
+    out = tmp_path / "gen"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(out)]
+    assert main([*argv, "--max-new-tokens", "5", "--temperature", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Answering greedily 8 rows of open.jsonl" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("|  |"))
+    assert "| auroc |" in header and "| entropy |" in header and "| ece |" in header
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = make_tokenizer()
+    reference = reference_greedy_answers(model, tok, rows, max_new_tokens=5)
+    scaled = reference_greedy_answers(model, tok, rows, max_new_tokens=5, temperature=2.0)
+    correct = [row["completion"][0]["content"] in a.split() for a, row in zip(reference["answers"], rows)]
+    result = json.loads((out / "calibration.json").read_text())
+    assert result["kind"] == "generation"
+    for got, confidences in ((result["report"], reference), (result["temperature_scaled"]["report"], scaled)):
+        expected = json_safe(confidence_report(confidences["sequence"], correct))  # as written: NaN is null
+        for key, value in expected.items():
+            assert got[key] == (None if value is None else pytest.approx(value, rel=1e-4)), key
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a["answer"] for a in answers] == reference["answers"]
+
+
+def test_a_temperature_at_its_search_bound_is_flagged(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset_dir), "--max-samples", "6"]
+    assert main([*argv, "--output-dir", str(tmp_path), "--temperature", "100"]) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if "T=100" in line)
+    assert row.rstrip().endswith("100.0000 (search bound) |")
+    assert "T = 100 (search bound): confidence carries no information about correctness on these rows" in printed
+    scaled = json.loads((tmp_path / "calibration.json").read_text())["temperature_scaled"]["report"]
+    assert scaled["temperature_at_bound"] is True
+    assert main([*argv, "--output-dir", str(tmp_path), "--temperature", "1.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "(search bound)" not in printed
+
+
+def test_evaluate_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("(default: test)", "(default: outputs/evaluate)", "(default: None)", "(default: 32)"):
+        assert fragment in text

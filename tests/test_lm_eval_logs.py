@@ -129,6 +129,12 @@ def test_report_reproduces_lm_eval_acc_and_acc_norm(lm_eval_run, tmp_path, capsy
     assert "mmlu_local_gen" not in run["tasks"]
     assert "generate_until" in run["skipped"]["mmlu_local_gen"]
     assert "Skipped mmlu_local_gen" in printed and "generate_until" in printed
+    # because lm-eval's generation log holds the answer text and the verdict, and no probability of the answer
+    (gen_log,) = out.rglob("samples_mmlu_local_gen_*.jsonl")
+    for line in gen_log.read_text().splitlines():
+        sample = json.loads(line)
+        assert all(isinstance(resp, str) for resp in sample["filtered_resps"])
+        assert not any("logprob" in key or "loglikelihood" in key for key in sample)
 
 
 def test_ece_is_calibration_report_on_the_logged_probabilities(lm_eval_run):
@@ -286,7 +292,8 @@ def test_non_multiple_choice_tasks_are_skipped_with_the_reason(tmp_path, capsys)
     out = tmp_path / "report"
     assert main(["report", "--lm-eval", str(tmp_path / "m"), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "Skipped gen_task (m): not multiple choice" in printed
+    assert "Skipped gen_task (m): not multiple choice: its samples are generated text; lm-eval logs" in printed
+    assert "no token probabilities" in printed
     assert "Skipped ppl_task (m): output_type is 'loglikelihood_rolling'" in printed
     (run,) = json.loads((out / "calibration.json").read_text()).values()
     assert set(run["tasks"]) == {"mcq"} and set(run["skipped"]) == {"gen_task", "ppl_task"}

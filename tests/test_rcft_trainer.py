@@ -355,7 +355,7 @@ def test_estep_reads_heldout_rows_by_default(make_trainer, tok, tmp_path, caplog
     assert "only used by online detection" not in caplog.text and "E-step reads the training rows" not in caplog.text
     assert_estep_statistics(trainer.estimate_bins(), trainer.model, tok, heldout)
     trainer.create_model_card()
-    assert "`estep_rows=heldout`" in (tmp_path / "README.md").read_text()
+    assert "| estep_rows | heldout |" in (tmp_path / "README.md").read_text()
     # `estep_source="train"` keeps the training rows
     kept = build(calibration_dataset=heldout, estep_source="train")
     assert kept.estep_source == "train"

@@ -21,8 +21,10 @@ Questions with fewer options than the task's largest number of options get zero-
 columns (ARC has 3 to 5 options per question). Tasks whose options are in the context rather than the continuation
 (`multiple_input`, e.g. WinoGrande) have no `acc_norm` (the option texts are not in the log), and their logged target
 is the shared continuation: for two options the right one follows from lm-eval's logged `acc`; with more they are
-skipped. Tasks that are not multiple choice (generation, perplexity), and multiple-choice tasks with several right
-options per question, are skipped with the reason.
+skipped. Tasks that are not multiple choice, and multiple-choice tasks with several right options per question, are
+skipped with the reason. Generation tasks (`generate_until`) are among them: lm-eval logs each generated answer and its
+verdict but no token probability, so the logs hold no confidence of the answer; `calib-trl evaluate` measures the
+calibration of generated answers on the rows themselves (`calib_trl.evaluation.generation`).
 """
 
 from __future__ import annotations
@@ -305,14 +307,27 @@ def _is_loglikelihood_pair(resp: Any) -> bool:
     return True
 
 
+# lm-eval's `generate_until` samples hold the generated text and the metric's verdict, but no token probability: there
+# is no confidence of the answer to calibrate. `calib-trl evaluate` answers open-ended rows itself and measures it.
+_NO_GENERATION_CONFIDENCE = (
+    "lm-eval logs the generated text and its verdict but no token probabilities, so the answers have no confidence to "
+    "calibrate; `calib-trl evaluate` on the task's rows (prompt/completion) measures the calibration of generated "
+    "answers"
+)
+
+
 def _not_multiple_choice(sample: dict, results_config: dict) -> str | None:
     """Why a task is not multiple choice, from its config when lm-eval wrote one, else from its first sample."""
     output_type = results_config.get("output_type")
+    if output_type == "generate_until":
+        return f"output_type is 'generate_until': {_NO_GENERATION_CONFIDENCE}"
     if output_type is not None:
         if output_type != "multiple_choice":
             return f"output_type is {output_type!r}, not 'multiple_choice': there is no log-likelihood per option"
         return None
     resps = sample["filtered_resps"]
+    if isinstance(resps, list) and resps and all(isinstance(resp, str) for resp in resps):
+        return f"not multiple choice: its samples are generated text; {_NO_GENERATION_CONFIDENCE}"
     if not isinstance(resps, list) or not all(_is_loglikelihood_pair(resp) for resp in resps):
         return (
             "not multiple choice: its samples' `filtered_resps` are not (log-likelihood, is_greedy) pairs "

@@ -23,14 +23,17 @@ REPORT_METRICS = {
     "nll": "NLL",
     "auroc": "AUROC",
     "answer_mass": "Answer mass",
+    "entropy": "Answer entropy",
     "lm_nll": "LM NLL",
     "temperature": "Temperature",
 }
 """
 The report keys that tables, logs and model cards show, in the order they show them, with their display names: those
-of `calibration_report`, and those that multiple-choice scoring adds (`answer_mass`, the full-vocabulary probability of
-the option letters; `lm_nll`, the language-modelling check), the temperature of a temperature-scaled report, and the
-accuracy lm-eval itself logged (`calib-trl report --lm-eval`). A key shows wherever a report holds it.
+of `calibration_report` and `confidence_report` (for generated answers `accuracy` is the match rate, and `brier` and
+`nll` are those of the answer's confidence), those that scoring adds (`answer_mass`, the full-vocabulary probability of
+the option letters; `entropy`, the mean next-token entropy at generated answers' positions; `lm_nll`, the
+language-modelling check), the temperature of a temperature-scaled report, and the accuracy lm-eval itself logged
+(`calib-trl report --lm-eval`). A key shows wherever a report holds it.
 """
 
 
@@ -49,6 +52,8 @@ def format_table(rows: dict[str, dict], label: str = "") -> str:
     lines = [f"| {escape_markdown(label)} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, report in rows.items():
         cells = [_format_cell(report.get(key), key) for key in keys]
+        if report.get("temperature_at_bound") and "temperature" in keys:  # not an ordinary number: say so
+            cells[keys.index("temperature")] += " (search bound)"
         lines.append(f"| {escape_markdown(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

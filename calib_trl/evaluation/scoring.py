@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel, gather_object
 from tqdm.auto import tqdm
-from trl.data_utils import common_prefix_length, get_dataset_column_names, is_conversational, maybe_convert_to_chatml
+from trl.data_utils import common_prefix_length, get_dataset_column_names, maybe_convert_to_chatml
 from trl.trainer.utils import pad
 
 from ..mcq import answer_index, is_multiple_choice, validate_mcq_dataset
@@ -139,7 +140,7 @@ def check_length(row: int, length: int, limit: int | None, what: str, why: str) 
         )
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -202,10 +203,11 @@ class MCQScores:
     def report(self, n_bins: int = 10, temperature: float | None = None) -> dict:
         """
         `calibration_report` of the option probabilities (after temperature scaling by `temperature`, if given), with
-        `answer_mass` (mean over rows) and `lm_nll` (when measured) beside it, and `temperature` when one was applied.
+        `answer_mass` (mean over rows) and `lm_nll` (when measured) beside it, and `temperature` when one was applied,
+        with `temperature_at_bound` (`at_temperature_bound`).
         """
         from ..metrics import calibration_report
-        from .temperature_scaling import apply_temperature
+        from .temperature_scaling import apply_temperature, at_temperature_bound
 
         probs = self.probs if temperature is None else apply_temperature(self.logits, temperature)
         report = calibration_report(probs, self.labels, n_bins=n_bins)
@@ -214,12 +216,15 @@ class MCQScores:
         if self.lm_nll is not None:
             report["lm_nll"] = self.lm_nll
         if temperature is not None:
-            report["temperature"] = float(temperature)
+            report.update(temperature=float(temperature), temperature_at_bound=at_temperature_bound(temperature))
         return report
 
 
-class _LastHidden:
-    """Keeps the last hidden state of a causal LM's backbone during one forward pass (the LM check reads it)."""
+class PromptHidden:
+    """
+    Keeps the last hidden state of a causal LM's backbone from the first forward pass after `reset()`: the prompt's,
+    also when `generate` then runs one pass per new token (the LM check reads it).
+    """
 
     def __init__(self, model):
         from ..trainer_mixin import unwrap_base
@@ -228,8 +233,12 @@ class _LastHidden:
         self.value = None
         self._handle = self.base.base_model.register_forward_hook(self._hook)
 
+    def reset(self) -> None:
+        self.value = None
+
     def _hook(self, module, args, output):
-        self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        if self.value is None:
+            self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     def remove(self):
         self._handle.remove()
@@ -325,11 +334,13 @@ def score_multiple_choice(
             text_tokens[i] = prompt_text_tokens(tokenizer, prompts[i], ids, chat_template, kwargs)
 
     results = {}
-    capture = _LastHidden(model) if lm_check else None
+    capture = PromptHidden(model) if lm_check else None
     try:
         with inference(model):
-            batches = scoring.batches(model, encoded, batch_size, _pad_id(tokenizer), desc, unit="q")
+            batches = scoring.batches(model, encoded, batch_size, pad_id(tokenizer), desc, unit="q")
             for batch, *inputs in batches:
+                if capture is not None:
+                    capture.reset()
                 logits = next_token_logits(model, *inputs).float()
                 cols = torch.tensor([letter_ids[i] for i in batch], device=logits.device)
                 valid = (
@@ -343,7 +354,7 @@ def score_multiple_choice(
                 letter_mass = (option_logits.logsumexp(-1) - total).exp()
                 lm = {}
                 if capture is not None:
-                    lm = _prompt_text_nll(capture, [encoded[i] for i in batch], [text_tokens[i] for i in batch], batch)
+                    lm = prompt_text_nll(capture, [encoded[i] for i in batch], [text_tokens[i] for i in batch], batch)
                 for row, i in enumerate(batch):
                     results[i] = (
                         option_logits[row].double().cpu().numpy(),
@@ -372,7 +383,7 @@ def score_multiple_choice(
     )
 
 
-def _prompt_text_nll(capture: _LastHidden, sequences: list, positions: list, rows: list) -> dict:
+def prompt_text_nll(capture: PromptHidden, sequences: list, positions: list, rows: list) -> dict:
     """Summed NLL and count of each row's prompt-text tokens, from the hidden states of its left-padded batch."""
     hidden = capture.value
     width = hidden.shape[1]
@@ -401,8 +412,8 @@ def _prompt_text_nll(capture: _LastHidden, sequences: list, positions: list, row
 
 
 def normalize_text(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = text.lower()
+    """SQuAD-style normalisation: lower case, no accents, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(ch))
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
@@ -412,12 +423,6 @@ def _as_trained(completion: Any, tokenizer) -> Any:
     """The completion as `SFTTrainer` trains on it: a plain-text completion gets the EOS token appended."""
     if isinstance(completion, str) and tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
         return completion + tokenizer.eos_token
-    return completion
-
-
-def _completion_text(completion: Any) -> str:
-    if is_conversational({"prompt": completion}):
-        return "".join(m.get("content", "") for m in completion)
     return completion
 
 
@@ -435,11 +440,14 @@ def score_completions(
     """
     Mean NLL of each row's completion tokens given its prompt (teacher forcing, length-sorted left-padded batches; only
     the completion positions are projected through the LM head), and, with `check_correct=True`, whether the greedy
-    answer matches the completion after `normalize_text`.
+    answer states the completion (`calib_trl.evaluation.generation.match_answer`; up to `max_new_tokens` new tokens,
+    by default the completion's length + 8 and at least 32, so that an answer in a sentence fits).
 
     Returns:
         `(nll [N], correct [N] or None)`.
     """
+    from .generation import match_answer, reference_text
+
     for column in ("prompt", "completion"):
         if column not in dataset.column_names:
             raise ValueError(
@@ -461,10 +469,10 @@ def score_completions(
             raise ValueError(f"Row {i} has an empty completion: there is no answer to score.")
         check_length(i, len(full), limit, "prompt and completion", "the model has (`max_position_embeddings`)")
         seqs[i], comp_len[i], prompt_ids[i] = full, len(full) - k, p[:k]
-    pad_id = _pad_id(tokenizer)
+    pad_token = pad_id(tokenizer)
     nll, correct = {}, {}
     with inference(model), torch.no_grad():
-        for batch, ids, mask, pos in scoring.batches(model, seqs, batch_size, pad_id, desc, unit="ex"):
+        for batch, ids, mask, pos in scoring.batches(model, seqs, batch_size, pad_token, desc, unit="ex"):
             keep = max(comp_len[i] for i in batch) + 1
             logits = model(
                 input_ids=ids,
@@ -484,23 +492,22 @@ def score_completions(
             # keeps stepping until all are done (`synced_gpus`), since sharded models gather weights in every forward
             generator = extract_model_from_parallel(model)
             lengths = {i: len(s) for i, s in seqs.items()}  # the batches of the NLL pass
-            batches = scoring.batches(model, prompt_ids, batch_size, pad_id, "Greedy answers", "ex", lengths)
+            batches = scoring.batches(model, prompt_ids, batch_size, pad_token, "Greedy answers", "ex", lengths)
             for batch, ids, mask, _ in batches:
                 width = ids.shape[1]
-                new = max_new_tokens or max(comp_len[i] for i in batch) + 8
+                new = max_new_tokens or max(32, max(comp_len[i] for i in batch) + 8)
                 out = generator.generate(
                     input_ids=ids,
                     attention_mask=mask,
                     max_new_tokens=new,
                     do_sample=False,
-                    pad_token_id=pad_id,
+                    pad_token_id=pad_token,
                     synced_gpus=scoring.state is not None,
                     **no_router_logits(model),
                 )
                 texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
                 for r, i in enumerate(batch):
-                    reference = normalize_text(_completion_text(completions[i]))
-                    correct[i] = normalize_text(texts[r].strip().split("\n")[0]) == reference
+                    correct[i] = match_answer(texts[r], reference_text(completions[i]))
     results = scoring.gather({i: (nll[i], correct.get(i)) for i in nll})
     nll = {i: v for i, (v, _) in results.items()}
     correct = {i: c for i, (_, c) in results.items()}

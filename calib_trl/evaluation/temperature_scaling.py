@@ -17,11 +17,42 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["apply_temperature", "fit_temperature"]
+__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "apply_temperature", "at_temperature_bound", "fit_temperature"]
+
+#: The search interval of `fit_temperature`. A fit at its upper bound says that a flatter distribution than any it
+#: tried fits best: on those rows the confidence carries no information about correctness (see `at_temperature_bound`).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+# Rows of logits processed at once by the fit (the token logits of generated answers have a vocabulary of columns)
+_CHUNK_ROWS = 256
+
+
+def at_temperature_bound(
+    temperature: float, min_temperature: float = MIN_TEMPERATURE, max_temperature: float = MAX_TEMPERATURE
+) -> bool:
+    """
+    Whether a fitted temperature sits at a bound of the search: at the upper bound the fit wants confidences flatter
+    than any it tried (the logits carry no information about which answer is right); at the lower bound, sharper.
+    Reports and tables flag such a temperature instead of showing it as an ordinary number.
+    """
+    return bool(
+        np.isclose(temperature, max_temperature, rtol=1e-6) or np.isclose(temperature, min_temperature, rtol=1e-6)
+    )
+
+
+def describe_temperature(temperature: float) -> str:
+    """`T = 1.83`, or, at a bound of the search, what that bound means."""
+    if np.isclose(temperature, MAX_TEMPERATURE, rtol=1e-6):
+        return (
+            f"T = {temperature:.4g} (search bound): confidence carries no information about correctness on these rows"
+        )
+    if np.isclose(temperature, MIN_TEMPERATURE, rtol=1e-6):
+        return f"T = {temperature:.4g} (search bound): the fit wants confidences sharper than any it tried"
+    return f"T = {temperature:.4g}"
 
 
 def _logits_labels(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    z = logits.detach().cpu() if torch.is_tensor(logits) else torch.as_tensor(np.asarray(logits, dtype=np.float64))
     y = torch.as_tensor(np.asarray(labels)).long()
     if z.ndim != 2 or z.shape[0] == 0:
         raise ValueError(f"`logits` must be a non-empty N x K array of option logits, got shape {tuple(z.shape)}.")
@@ -37,15 +68,23 @@ def _logits_labels(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _nll_slope(z: torch.Tensor, y: torch.Tensor, b: float) -> float:
-    """d/db of `mean_i logsumexp(b z_i) - b z_iy`: `mean_i E_{softmax(b z_i)}[z_i] - z_iy`."""
-    valid = torch.isfinite(z)
-    p = (b * z).softmax(-1)
-    expected = (p * torch.where(valid, z, torch.zeros_like(z))).sum(-1)
-    return float((expected - z.gather(1, y[:, None]).squeeze(1)).mean())
+    """d/db of `mean_i logsumexp(b z_i) - b z_iy`: `mean_i E_{softmax(b z_i)}[z_i] - z_iy`, in float64, by row chunks."""
+    total = 0.0
+    for start in range(0, z.shape[0], _CHUNK_ROWS):
+        zc, yc = z[start : start + _CHUNK_ROWS].double(), y[start : start + _CHUNK_ROWS]
+        valid = torch.isfinite(zc)
+        p = (b * zc).softmax(-1)
+        expected = (p * torch.where(valid, zc, torch.zeros_like(zc))).sum(-1)
+        total += float((expected - zc.gather(1, yc[:, None]).squeeze(1)).sum())
+    return total / z.shape[0]
 
 
 def fit_temperature(
-    logits: Any, labels: Any, min_temperature: float = 0.01, max_temperature: float = 100.0, tol: float = 1e-10
+    logits: Any,
+    labels: Any,
+    min_temperature: float = MIN_TEMPERATURE,
+    max_temperature: float = MAX_TEMPERATURE,
+    tol: float = 1e-10,
 ) -> float:
     """
     The temperature `T` that minimises the NLL of `softmax(logits / T)` on these rows.
@@ -55,7 +94,8 @@ def fit_temperature(
             as `MCQScores.logits` does for questions with fewer options).
         labels (`array-like` of shape `(N,)`): index of the right option of each row.
         min_temperature, max_temperature (`float`): the search interval; the bound is returned when the optimum lies
-            beyond it (e.g. `max_temperature` when the logits carry no information about the answer).
+            beyond it (e.g. `max_temperature` when the logits carry no information about the answer), which
+            `at_temperature_bound` tells.
         tol (`float`): bisection tolerance on `1 / T`.
 
     Returns:
