@@ -73,8 +73,9 @@ class CalibSFTConfig(CalibrationConfig):
               it is before training (PEFT adapters disabled), and logs one line naming the path it took:
               - with a `calibration_dataset` passed to the trainer: an answer-NLL threshold fitted on it (Youden's J);
               - multiple-choice rows (`choices`, `answer`): the model's own answer to each row, exact, no threshold;
-              - open-ended rows (prompt/completion, or `messages` whose last assistant message is the answer): a
-                threshold fitted on `auto_detection_samples` random training rows, which stay in training;
+              - open-ended rows (prompt/completion, or `messages` whose last assistant message is the answer): the
+                model's own greedy answer to each row (up to `detection_max_new_tokens` tokens), known = it states the
+                reference answer (`calib_trl.evaluation.generation.match_answer`), exact, no threshold;
               - rows with no answer to score (plain text, pre-tokenized or formatted rows): the calibration term goes
                 to every token, as with `apply_to="all"`;
               - an `IterableDataset` cannot be scored ahead: the threshold is fitted once before the first step (on
@@ -85,9 +86,12 @@ class CalibSFTConfig(CalibrationConfig):
             - `"online"`: each example is known when the answer NLL that the training step computes is at most a
               threshold, re-fitted every `online_refit_steps` steps on the `calibration_dataset` passed to the trainer.
         auto_detection_samples (`int`, *optional*, defaults to `128`):
-            Training rows a `detection="auto"` threshold is fitted on when there is no `calibration_dataset` and the
-            rows are open-ended (or streamed). Each costs a forward pass and a greedy generation; see
+            Rows of a streamed training set (`IterableDataset`) that a `detection="auto"` threshold is fitted on when
+            there is no `calibration_dataset`. Each costs a forward pass and a greedy generation; see
             `benchmarks/README.md` for the detection accuracy this gives.
+        detection_max_new_tokens (`int`, *optional*, defaults to `32`):
+            The longest greedy answer detection generates for an open-ended row (`detection="auto"` without a
+            `calibration_dataset`): long enough for an answer stated in a sentence.
         online_refit_steps (`int`, *optional*, defaults to `50`):
             Steps between two re-fits of the online threshold (also fitted before the first step). A re-fit costs one
             forward pass per calibration row, plus a greedy generation per row for open-ended rows (see
@@ -157,9 +161,11 @@ class CalibSFTConfig(CalibrationConfig):
     auto_detection_samples: int = field(
         default=128,
         metadata={
-            "help": "Training rows an `auto` threshold is fitted on for open-ended (or streamed) rows without a "
-            "calibration dataset."
+            "help": "Rows of a streamed training set an `auto` threshold is fitted on without a calibration dataset."
         },
+    )
+    detection_max_new_tokens: int = field(
+        default=32, metadata={"help": "Longest greedy answer detection generates for an open-ended row."}
     )
     online_refit_steps: int = field(default=50, metadata={"help": "Steps between re-fits of the online threshold."})
     online_calibration_samples: int | None = field(
@@ -197,6 +203,8 @@ class CalibSFTConfig(CalibrationConfig):
             check_range("ecp_beta", self.ecp_beta, 0.0, None)
         if self.online_refit_steps < 1:
             raise ValueError(f"`online_refit_steps` must be >= 1, got {self.online_refit_steps}.")
+        if self.detection_max_new_tokens < 1:
+            raise ValueError(f"`detection_max_new_tokens` must be >= 1, got {self.detection_max_new_tokens}.")
         if self.auto_detection_samples < 2:
             raise ValueError(f"`auto_detection_samples` must be >= 2, got {self.auto_detection_samples}.")
         if self.online_calibration_samples is not None and self.online_calibration_samples < 2:

@@ -510,10 +510,9 @@ class CalibSFTTrainer(CalibrationModelCardMixin, CalibrationTrainerMixin, SFTTra
                     self._tokenizer,
                     rows,
                     calibration,
-                    sample_size=args.auto_detection_samples,
-                    seed=args.seed,
                     batch_size=args.per_device_eval_batch_size,
                     progress=not args.disable_tqdm,
+                    max_new_tokens=args.detection_max_new_tokens,
                 )
             if self._rule.report is not None:
                 logger.info("Knowledge threshold (detection='auto'):\n%s", self._rule.report)

@@ -375,19 +375,22 @@ class KnowledgeRule:
     (`threshold=None`), or by comparing the answer NLL with a threshold fitted on `path`'s rows.
     """
 
-    path: str  # "calibration_dataset", "multiple_choice" or "training_sample"
+    path: str  # "calibration_dataset", "multiple_choice" or "generation"
     threshold: float | None = None
     report: DetectionReport | None = None  # the threshold fit
+    max_new_tokens: int = 32  # the longest greedy answer of the "generation" path
 
     def describe(self) -> str:
-        if self.threshold is None:
+        if self.path == "multiple_choice":
             return (
                 "the model's own answer (multiple-choice rows, no calibration_dataset): known = it answers correctly"
             )
-        where = {
-            "calibration_dataset": "the calibration_dataset",
-            "training_sample": "a random sample of the training rows (they stay in training)",
-        }[self.path]
+        if self.path == "generation":
+            return (
+                "the model's own greedy answer (open-ended rows, no calibration_dataset): known = it states the "
+                "reference answer (`calib_trl.evaluation.generation.match_answer`)"
+            )
+        where = "the calibration_dataset"
         if not self.report.fitted:
             return f"no threshold, from {self.report.n_calibration} rows of {where}: {self.report}"
         return (
@@ -397,9 +400,24 @@ class KnowledgeRule:
 
     def flag(self, model, tokenizer, rows, batch_size: int = 16, progress: bool = True, desc: str = "Detecting"):
         """Known flags of `rows` (answer rows), scored in batches sharded across processes."""
-        if self.threshold is None:
+        if self.path == "multiple_choice":
             scores = score_multiple_choice(
                 model, tokenizer, rows, batch_size=batch_size, progress=progress, desc=desc, shard=True
+            )
+            return scores.correct
+        if self.path == "generation":
+            from .evaluation.generation import score_generations
+
+            scores = score_generations(
+                model,
+                tokenizer,
+                rows,
+                batch_size=batch_size,
+                max_new_tokens=self.max_new_tokens,
+                lm_check=False,
+                progress=progress,
+                desc=desc,
+                shard=True,
             )
             return scores.correct
         nll, _ = score_answers(model, tokenizer, rows, batch_size, progress=progress, desc=desc)
@@ -409,6 +427,7 @@ class KnowledgeRule:
         return {
             "path": self.path,
             "threshold": self.threshold,
+            "max_new_tokens": self.max_new_tokens,
             "report": self.report.to_dict() if self.report is not None else None,
         }
 
@@ -418,10 +437,9 @@ def fit_knowledge_rule(
     tokenizer,
     rows,
     calibration_dataset=None,
-    sample_size: int = 128,
-    seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    max_new_tokens: int = 32,
 ) -> KnowledgeRule:
     """
     The rule `detection="auto"` flags rows by, when they have no `known` column (`rows` and `calibration_dataset` as
@@ -430,26 +448,26 @@ def fit_knowledge_rule(
     - with a `calibration_dataset`: an answer-NLL threshold fitted on it (Youden's J), as `detect_known` fits it;
     - without, on multiple-choice rows: the model's own answer (known = its argmax over the options is right), exact
       and with no threshold, at the cost of one prompt forward pass per row;
-    - without, on open-ended rows: a threshold fitted on `sample_size` random rows of `rows` themselves, whose ground
-      truth is a normalised match of the greedy answer. Those rows stay in the data and are flagged like the others.
+    - without, on open-ended rows: the model's own greedy answer (known = it states the reference, as
+      `calib_trl.evaluation.generation.match_answer` judges it), exact and with no threshold, at the cost of one greedy
+      generation of up to `max_new_tokens` tokens per row. The NLL of the bare reference says little before
+      fine-tuning: a model that answers in sentences ("27 + 45 = 72") gives the bare answer ("72") a high NLL whether
+      or not it knows it, which is why CogCalib adapts the style first; the match reads the sentence itself.
 
     A threshold that cannot be fitted (the model answers every or no fitting row correctly) is returned as `+inf` /
     `-inf` with `report.fitted` false; the caller decides whether to go on.
     """
-    if calibration_dataset is None and is_multiple_choice(rows):
-        validate_mcq_dataset(rows, name="train dataset")
-        return KnowledgeRule("multiple_choice")
-    if calibration_dataset is not None:
-        path, fit_rows = "calibration_dataset", calibration_dataset
-    else:
-        pick = np.random.default_rng(seed).choice(len(rows), min(sample_size, len(rows)), replace=False)
-        path, fit_rows = "training_sample", rows.select(np.sort(pick))
-    if is_multiple_choice(fit_rows):
-        validate_mcq_dataset(fit_rows, name=path)
+    if calibration_dataset is None:
+        if is_multiple_choice(rows):
+            validate_mcq_dataset(rows, name="train dataset")
+            return KnowledgeRule("multiple_choice")
+        return KnowledgeRule("generation", max_new_tokens=max_new_tokens)
+    if is_multiple_choice(calibration_dataset):
+        validate_mcq_dataset(calibration_dataset, name="calibration_dataset")
     nll, correct = score_answers(
         model,
         tokenizer,
-        fit_rows,
+        calibration_dataset,
         batch_size,
         check_correct=True,
         progress=progress,
@@ -458,7 +476,7 @@ def fit_knowledge_rule(
     with warnings.catch_warnings():  # an unfitted threshold is reported through `report.fitted`
         warnings.simplefilter("ignore")
         t, j, tpr, tnr = youden_threshold(nll, correct)
-    return KnowledgeRule(path, t, detection_report(nll, correct, t, j, tpr, tnr))
+    return KnowledgeRule("calibration_dataset", t, detection_report(nll, correct, t, j, tpr, tnr))
 
 
 # --------------------------------------------------------------------------------------------------------------------

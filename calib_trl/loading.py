@@ -1,11 +1,11 @@
-"""What the `calib-trl` command and the example scripts load: a model by name or path, offline, and a multiple-choice
-split by name.
+"""What the `calib-trl` command and the example scripts load: a model by name or path, offline, and a split of evaluation
+rows by name.
 
-- `resolve_model_name_or_path`: `default` (the embedded SmolLM2-135M-Instruct, see `calib_trl.default_model`), a local
-  directory, or a Hub id, which must be in the local Hub cache when the Hub is offline (`huggingface_hub`'s own
-  `is_offline_mode`, so calib-trl and the Hub client agree);
+- `resolve_model_name_or_path` (from `calib_trl.defaults.model`): `default`, a local directory, or a Hub id in the local
+  Hub cache when offline;
 - `load_model`: the model (or its PEFT adapter) and tokenizer;
-- `load_mcq_dataset`: `default` (the embedded MMLU splits), a `save_to_disk` directory or a JSON(L) file.
+- `load_split`: an embedded dataset by name, a `save_to_disk` directory or a JSON(L) file; multiple-choice or open-ended
+  rows.
 """
 
 from __future__ import annotations
@@ -13,56 +13,10 @@ from __future__ import annotations
 import os
 
 import torch
-from huggingface_hub.constants import is_offline_mode
 
-from .defaults.model import DEFAULT_MODEL_ALIASES, default_model_path
-from .defaults.packages import DEFAULT_MODEL_NAME
+from .defaults.model import resolve_model_name_or_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:
-        return False
-
-
-def resolve_model_name_or_path(name_or_path: str | os.PathLike | None) -> str:
-    """
-    Turn a user's model argument into something `from_pretrained` can load offline.
-
-    - `None`, `"default"` or `"SmolLM2-135M-Instruct"`: the converted default model (see `default_model_path`);
-    - an existing local directory: itself;
-    - a missing local path (starting with `.`, `/` or `~`, or with more than one `/`): `FileNotFoundError`;
-    - a Hub id (`"org/name"`): returned unchanged, unless the Hub is offline (`HF_HUB_OFFLINE=1`) and the model is
-      not in the local Hub cache, which raises a `ValueError` since it cannot be downloaded.
-    """
-    if name_or_path is None:
-        return str(default_model_path())
-    name = os.fspath(name_or_path)
-    if name.strip() in DEFAULT_MODEL_ALIASES:
-        return str(default_model_path())
-    local = os.path.expanduser(name)
-    if os.path.isdir(local):
-        return local
-    if os.path.exists(local):
-        raise ValueError(
-            f"Model path '{name}' is a file; pass the directory holding the model (config.json, weights, tokenizer)."
-        )
-    if not name or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(
-            f"Model path '{name}' does not exist. Pass an existing model directory, or 'default' for the embedded "
-            f"{DEFAULT_MODEL_NAME}."
-        )
-    if is_offline_mode() and not _in_hub_cache(name):
-        raise ValueError(
-            f"'{name}' looks like a Hugging Face Hub id, but calib-trl runs offline (HF_HUB_OFFLINE=1), so it cannot "
-            f"be downloaded. Pass a local model directory, or 'default' for the embedded {DEFAULT_MODEL_NAME}."
-        )
-    return name
 
 
 def load_model(name_or_path: str | None, dtype: str | torch.dtype = "float32", device=None, **kwargs):
@@ -96,29 +50,38 @@ class MissingSplitError(ValueError):
         super().__init__(f"{dataset} has splits {splits}; got {flag} {split!r}.{hint}")
 
 
+def is_embedded(dataset: str) -> bool:
+    """Whether `dataset` names an embedded dataset (`default`, `arithmetic`, `arithmetic-mc`, `mmlu`)."""
+    from .defaults import DATASETS
+
+    return dataset == "default" or dataset in DATASETS
+
+
 def has_splits(dataset: str) -> bool:
-    """Whether `load_mcq_dataset` reads a named split of `dataset`: not of a JSON(L) file or a saved single `Dataset`."""
-    return dataset == "default" or os.path.isfile(os.path.join(dataset, "dataset_dict.json"))
+    """Whether `load_split` reads a named split of `dataset`: not of a JSON(L) file or a saved single `Dataset`."""
+    return is_embedded(dataset) or os.path.isfile(os.path.join(dataset, "dataset_dict.json"))
 
 
-def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, seed: int = 0):
+def load_split(dataset: str, split: str, max_samples: int | None = None, seed: int = 0):
     """
-    A multiple-choice split: `default` (the embedded MMLU, see `calib_trl.defaults.load_default_dataset`), a directory
-    written by `datasets.save_to_disk` (a `DatasetDict` or a `Dataset`), or a `.json`/`.jsonl` file. Rows need
-    `prompt`, `choices` and `answer`; rows with `question` instead of `prompt` are formatted with
-    `calib_trl.mcq.make_mcq_example`. `split` names a split of `default` or of a saved `DatasetDict`
-    (`MissingSplitError` if it has none of that name); a file or a saved `Dataset` has no splits (see `has_splits`).
+    A split of evaluation rows: an embedded dataset by name (`default`, `arithmetic`, `arithmetic-mc`, `mmlu`: see
+    `calib_trl.defaults.load_default_dataset`), a directory written by `datasets.save_to_disk` (a `DatasetDict` or a
+    `Dataset`), or a `.json`/`.jsonl` file. Rows are either multiple choice (`prompt`, `choices` and `answer`; rows
+    with `question` instead of `prompt` are formatted with `calib_trl.mcq.make_mcq_example`) or open-ended
+    (`prompt` and `completion`, the completion being the reference answer). `split` names a split of an embedded
+    dataset or of a saved `DatasetDict` (`MissingSplitError` if it has none of that name); a file or a saved
+    `Dataset` has no splits (see `has_splits`). Errors name the file, the row and the column.
     """
     from datasets import Dataset, DatasetDict, load_from_disk
 
-    from .mcq import answer_index, check_choices, make_mcq_example
+    from .mcq import answer_index, check_choices, claims_multiple_choice, make_mcq_example, validate_mcq_dataset
 
-    if dataset == "default":
-        from .defaults.mmlu import load_default_dataset
+    if is_embedded(dataset):
+        from .defaults import load_default_dataset, resolve_dataset_name
 
-        splits = load_default_dataset(seed=seed)
+        splits = load_default_dataset(dataset, seed=seed)
         if split not in splits:
-            raise MissingSplitError("The default dataset", split, list(splits))
+            raise MissingSplitError(f"The embedded dataset {resolve_dataset_name(dataset)!r}", split, list(splits))
         data = splits[split]
     elif os.path.isdir(dataset):
         data = load_from_disk(dataset)
@@ -130,7 +93,8 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
         data = _load_json_rows(dataset)
     else:
         raise FileNotFoundError(
-            f"Dataset {dataset!r} is neither 'default', a directory saved with `save_to_disk`, nor a .json/.jsonl file."
+            f"Dataset {dataset!r} is neither an embedded dataset ('default', 'arithmetic', 'arithmetic-mc', 'mmlu'), "
+            "a directory saved with `save_to_disk`, nor a .json/.jsonl file."
         )
     if not isinstance(data, Dataset):
         raise ValueError(f"{dataset} did not load as a `datasets.Dataset`.")
@@ -150,6 +114,16 @@ def load_mcq_dataset(dataset: str, split: str, max_samples: int | None = None, s
         )
     if max_samples is not None:
         data = data.select(range(min(max_samples, len(data))))
+    try:
+        if claims_multiple_choice(data):
+            validate_mcq_dataset(data)
+        elif "prompt" not in data.column_names or "completion" not in data.column_names:
+            raise ValueError(
+                f"rows need `prompt` and `completion` (an open-ended answer to generate and match), or `prompt`, "
+                f"`choices` and `answer` (multiple choice); got columns {data.column_names}"
+            )
+    except ValueError as err:
+        raise ValueError(f"{dataset}: {err}") from None
     return data
 
 

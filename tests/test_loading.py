@@ -2,11 +2,11 @@
 
 import pytest
 
-from calib_trl import loading
 from calib_trl.defaults import (
     DEFAULT_MODEL_NAME,
     resolve_model_name_or_path,
 )
+from calib_trl.defaults import model as loading
 
 
 def test_resolve_default(monkeypatch, tmp_path):

@@ -8,9 +8,9 @@ import pytest
 
 from calib_trl import defaults
 from calib_trl.defaults import (
-    DEFAULT_SPLIT_SIZES,
+    MMLU_SPLIT_SIZES,
     OOD_SUBJECTS,
-    load_default_dataset,
+    load_mmlu_dataset,
     load_mmlu_rows,
 )
 from calib_trl.defaults import mmlu as default_data
@@ -37,12 +37,12 @@ def split_hash(dataset) -> str:
 
 @pytest.fixture(scope="module")
 def splits():
-    return load_default_dataset()
+    return load_mmlu_dataset()
 
 
 @pytest.fixture(scope="module")
 def plain_splits():
-    return load_default_dataset(conversational=False)
+    return load_mmlu_dataset(conversational=False)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def tokenizer():
 
 def test_split_sizes(splits):
     sizes = {name: len(ds) for name, ds in splits.items()}
-    assert sizes == DEFAULT_SPLIT_SIZES
+    assert sizes == MMLU_SPLIT_SIZES
     # the sizes README states are those of the splits
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
         readme = " ".join(f.read().split())
@@ -93,13 +93,13 @@ def test_ood_subjects_only_in_ood(splits):
 
 
 def test_loading_is_deterministic(splits):
-    again = load_default_dataset()
+    again = load_mmlu_dataset()
     for name in splits:
         assert again[name].to_dict() == splits[name].to_dict()
 
 
 def test_seed_changes_in_domain_splits_only(splits):
-    other = load_default_dataset(seed=1)
+    other = load_mmlu_dataset(seed=1)
     assert other["ood"]["prompt"] == splits["ood"]["prompt"]
     assert other["test"]["prompt"] != splits["test"]["prompt"]
     pooled = lambda d: sorted(question_text(p) for n in ("train", "calibration", "test") for p in d[n]["prompt"])  # noqa: E731
@@ -135,7 +135,7 @@ def test_documented_counts_are_those_of_the_file():
     duplicates = len(raw) - headers - kept
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
         readme = " ".join(f.read().split())
-    docstring = " ".join(load_default_dataset.__doc__.split())
+    docstring = " ".join(load_mmlu_dataset.__doc__.split())
     for text in (readme, docstring):
         assert f"holds {len(raw):,} rows: MMLU's {len(raw) - headers:,} test questions" in text
         assert f"and {headers} stray header rows. Dropping the header rows and {duplicates} exact duplicates" in text
@@ -176,9 +176,9 @@ def test_option_tokens_with_default_tokenizer(splits, plain_splits, tokenizer):
 
 def test_bad_split_arguments():
     with pytest.raises(ValueError, match="not in MMLU"):
-        load_default_dataset(ood_subjects=("astronomy", "alchemy"))
+        load_mmlu_dataset(ood_subjects=("astronomy", "alchemy"))
     with pytest.raises(ValueError, match="calibration_size"):
-        load_default_dataset(calibration_size=10_000, test_size=10_000)
-    small = load_default_dataset(calibration_size=0, test_size=10, ood_subjects=("astronomy",))
+        load_mmlu_dataset(calibration_size=10_000, test_size=10_000)
+    small = load_mmlu_dataset(calibration_size=0, test_size=10, ood_subjects=("astronomy",))
     assert len(small["calibration"]) == 0 and len(small["test"]) == 10 and len(small["ood"]) == 152
     assert small["calibration"].features == small["train"].features

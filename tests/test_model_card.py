@@ -119,9 +119,9 @@ def test_card_puts_base_and_fine_tuned_side_by_side_and_only_the_fine_tuned_in_t
     before = calibration_report(rng.dirichlet(np.ones(4) * 0.3, 40), labels, n_bins=7)
     after = calibration_report(rng.dirichlet(np.ones(4), 40), labels, n_bins=7)
     after["smooth_ece"] = 0.0123  # a key another calib-trl report adds: shown because it is there
-    trainer.record_calibration(before, "default", "ood", base=True)
-    trainer.record_calibration(after, "default", "ood")
-    trainer.create_model_card(dataset_name="default")
+    trainer.record_calibration(before, "mmlu", "ood", base=True)
+    trainer.record_calibration(after, "mmlu", "ood")
+    trainer.create_model_card(dataset_name="mmlu")
     card = ModelCard.load(tmp_path / "README.md")
 
     # the model-index: the fine-tuned model's metrics only, on MMLU's `ood` split as calib-trl splits it
@@ -184,7 +184,7 @@ def test_save_model_writes_the_card(make_trainer, tmp_path):
 def test_card_of_a_run_on_the_default_model(make_trainer, default_model_dir, tmp_path):
     from calib_trl.defaults import DEFAULT_MODEL_HUB_ID, load_default_dataset
 
-    splits = load_default_dataset()
+    splits = load_default_dataset("mmlu")
     trainer = make_trainer(
         splits["train"].select(range(4)),
         model=AutoModelForCausalLM.from_pretrained(default_model_dir),
@@ -195,7 +195,7 @@ def test_card_of_a_run_on_the_default_model(make_trainer, default_model_dir, tmp
         apply_to="all",
     )
     callback = CalibrationCallback(
-        trainer, splits["test"].select(range(4)), name="default", split="test", at_start=True, on_epoch=False
+        trainer, splits["test"].select(range(4)), name="mmlu", split="test", at_start=True, on_epoch=False
     )
     trainer.add_callback(callback)
     trainer.train()

@@ -160,7 +160,7 @@ DETECTION_PATHS = {
     "language_modeling": "no_answer",
     "skip_prepare_dataset": "no_answer",
     "iterable_dataset": "stream",
-    "moe_open_ended": "training_sample",
+    "moe_open_ended": "generation",
 }
 # calibration_space="auto": the option letters for multiple-choice prompt/completion rows in a `Dataset` (packed
 # with 'bfd', which keeps each question whole); the whole vocabulary for rows without choices, conversational rows,
@@ -381,7 +381,7 @@ def test_swapping_one_class_in_a_trl_script(default_model_dir, tmp_path):
     exec(script, namespace)
     trainer = namespace["trainer"]
     assert isinstance(trainer, CalibSFTTrainer) and trainer.args.has_calibration_term
-    assert trainer.detection_summary["path"] == "multiple_choice"
+    assert trainer.detection_summary["path"] == "generation"  # the default data is open-ended: the model's own answers
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     assert all("calib/known_fraction" in h for h in logs)

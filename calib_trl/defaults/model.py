@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.constants import is_offline_mode
 
 from ..model_card import BASE_MODEL_CONFIG_KEY
 from .packages import DEFAULT_MODEL_NAME, gguf_path
@@ -294,3 +295,47 @@ def load_default_tokenizer():
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     return _finish_tokenizer(tokenizer, DEFAULT_MODEL_MAX_LENGTH)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def resolve_model_name_or_path(name_or_path: str | os.PathLike | None) -> str:
+    """
+    Turn a user's model argument into something `from_pretrained` can load offline.
+
+    - `None`, `"default"` or `"SmolLM2-135M-Instruct"`: the converted default model (see `default_model_path`);
+    - an existing local directory: itself;
+    - a missing local path (starting with `.`, `/` or `~`, or with more than one `/`): `FileNotFoundError`;
+    - a Hub id (`"org/name"`): returned unchanged, unless the Hub is offline (`HF_HUB_OFFLINE=1`) and the model is
+      not in the local Hub cache, which raises a `ValueError` since it cannot be downloaded.
+    """
+    if name_or_path is None:
+        return str(default_model_path())
+    name = os.fspath(name_or_path)
+    if name.strip() in DEFAULT_MODEL_ALIASES:
+        return str(default_model_path())
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        return local
+    if os.path.exists(local):
+        raise ValueError(
+            f"Model path '{name}' is a file; pass the directory holding the model (config.json, weights, tokenizer)."
+        )
+    if not name or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"Model path '{name}' does not exist. Pass an existing model directory, or 'default' for the embedded "
+            f"{DEFAULT_MODEL_NAME}."
+        )
+    if is_offline_mode() and not _in_hub_cache(name):
+        raise ValueError(
+            f"'{name}' looks like a Hugging Face Hub id, but calib-trl runs offline (HF_HUB_OFFLINE=1), so it cannot "
+            f"be downloaded. Pass a local model directory, or 'default' for the embedded {DEFAULT_MODEL_NAME}."
+        )
+    return name
