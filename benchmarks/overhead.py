@@ -21,6 +21,16 @@ benchmarks/README.md.
 Variants: `sft` (TRL's SFTTrainer), `none` (CalibSFTTrainer with calibration_loss="none"), `ls`/`mbls`/`ecp` on known
 examples, `ls_all`/`mbls_all`/`ecp_all` on every example, `trl_label_smoothing` (SFTConfig.label_smoothing_factor),
 and `full_logits` (a hand-written LS + entropy loss on the full `[B, T, V]` logits).
+
+`--quick` measures time and memory in one process, in one pass, for `sft`, `ls`, `mbls`, `ecp`, `trl_label_smoothing`
+and `full_logits` on the random data, and `ecp_options` (CoECP on the option letters) against `sft_mc` (SFTTrainer on the
+same multiple-choice rows, whose loss is on the answer letter only): each variant's training steps alternate round after
+round; peak memory is CUDA's `max_memory_allocated` during each variant's steps (reset before each), with the model's
+weights shared by all variants and no optimizer state (`training_step` only). Each ratio is taken round by round against
+its reference's step of the same round, and reported as the median with its range over the rounds. It finishes in
+about a minute on one GPU for the Llama-3.2-1B shape at 8 x 2048 tokens:
+
+    python benchmarks/overhead.py --quick --device cuda --shape llama-1b --batch 8 --seq 2048
 """
 
 from __future__ import annotations
@@ -50,6 +60,16 @@ SHAPES = {
         num_attention_heads=9,
         num_key_value_heads=3,
         vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    # a few-MB model of the same kind, to check the script itself
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
         tie_word_embeddings=True,
     ),
     # Llama-3.2-1B
@@ -199,6 +219,141 @@ def _full_logits_trainer():
     return FullLogitsTrainer
 
 
+QUICK_VARIANTS = ["sft", "ls", "mbls", "ecp", "trl_label_smoothing", "full_logits", "sft_mc", "ecp_options"]
+
+# Words of the multiple-choice prompt besides the random "t<i>" tokens (the option letters are single tokens)
+_MC_WORDS = ["A", "B", "C", "D", ".", ":", "Answer", "with", "only", "a", "single", "letter"]
+
+
+def build_mcq(args):
+    """
+    Multiple-choice rows of random tokens for the option-space variants: a question of about `--seq` random tokens,
+    four one-token options, the answer letter as the completion, in calib-trl's plain-text format
+    (`calib_trl.mcq.make_mcq_example`), with a word-level tokenizer whose letters are single tokens.
+    """
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from calib_trl.mcq import make_mcq_example
+
+    config = LlamaConfig(max_position_embeddings=max(4096, args.seq + 64), **SHAPES[args.shape])
+    words = [f"t{i}" for i in range(config.vocab_size - len(_MC_WORDS))] + _MC_WORDS
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
+    g = torch.Generator().manual_seed(2)
+    n = args.batch * (args.steps + args.warmup)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(2, config.vocab_size - len(_MC_WORDS), (args.seq - 30,), generator=g).tolist()
+        choices = [f"t{j}" for j in torch.randint(2, 1000, (4,), generator=g).tolist()]
+        rows.append({**make_mcq_example(" ".join(f"t{j}" for j in ids), choices, i % 4, conversational=False)})
+    return tok, Dataset.from_list(rows)
+
+
+def make_mc_trainer(variant, model, tok, data, args, output_dir):
+    from trl import SFTConfig, SFTTrainer
+
+    from calib_trl import CalibSFTConfig, CalibSFTTrainer
+
+    common = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps + args.warmup,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        activation_checkpointing=args.gc,
+        bf16=args.dtype == "bfloat16",
+        shuffle_dataset=False,
+        max_length=None,
+        learning_rate=1e-5,
+        use_cpu=args.device == "cpu",
+    )
+    if variant == "sft_mc":
+        cfg = SFTConfig(**common)
+        return SFTTrainer(
+            model=model, args=cfg, train_dataset=data.remove_columns(["choices", "answer"]), processing_class=tok
+        )
+    cfg = CalibSFTConfig(**common, calibration_loss="ecp", ecp_beta=4.0, calibration_space="options", apply_to="all")
+    return CalibSFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
+
+
+def quick(args) -> list[dict]:
+    """Time and peak memory of every variant in one process and one pass (see the module docstring)."""
+    model, tok, data = build(args)
+    model.to(args.device)
+    cuda = args.device == "cuda"
+    variants = [v for v in args.variants if v in QUICK_VARIANTS] if args.variants != VARIANTS else QUICK_VARIANTS
+    trainers, batches = {}, {}
+    for v in variants:
+        if v in ("sft_mc", "ecp_options"):
+            mc_tok, mc_data = build_mcq(args)
+            trainers[v] = make_mc_trainer(v, model, mc_tok, mc_data, args, tempfile.mkdtemp())
+        else:
+            trainers[v] = make_trainer(v, model, tok, data, args, tempfile.mkdtemp())
+        batches[v] = next(iter(trainers[v].get_train_dataloader()))
+    times = {v: [] for v in trainers}
+    peaks = {v: 0.0 for v in trainers}
+    model.train()
+    for round_ in range(args.warmup + args.steps):
+        for v, trainer in trainers.items():
+            batch = dict(batches[v])
+            n_items = (batch["labels"][:, 1:] != -100).sum()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            trainer.training_step(model, batch, num_items_in_batch=n_items)
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[v] = max(peaks[v], torch.cuda.max_memory_allocated() / 2**30)
+            if round_ >= args.warmup:
+                times[v].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    if not cuda:
+        peaks = {v: float("nan") for v in trainers}
+    results = []
+    for v in trainers:
+        reference = "sft_mc" if v in ("sft_mc", "ecp_options") else "sft"
+        ratios = [t / r for t, r in zip(times[v], times[reference])]
+        results.append(
+            {
+                "variant": v,
+                "reference": reference,
+                "step_times_s": times[v],
+                "step_time_s": statistics.median(times[v]),
+                "time_ratio": statistics.median(ratios),
+                "time_ratio_range": [min(ratios), max(ratios)],
+                "peak_memory_gib": peaks[v],
+                "memory_ratio": peaks[v] / peaks[reference],
+                "tokens_per_s": args.batch * args.seq / statistics.median(times[v]),
+            }
+        )
+    return results
+
+
+def quick_table(args, results) -> str:
+    lines = [
+        f"Device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} cores'}), "
+        f"shape {args.shape}, random weights and tokens, {args.dtype}, batch {args.batch} x {args.seq} tokens; "
+        f"`--quick`: one process, {args.steps} alternating rounds after {args.warmup} warm-up; the ratio is the median "
+        "of the per-round ratios to the reference's step of the same round, with their range; peak memory without "
+        "optimizer state",
+        "",
+        "| variant | reference | step time (s) | x reference: median [min, max] | peak memory (GiB) | x reference | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        low, high = r["time_ratio_range"]
+        lines.append(
+            f"| {r['variant']} | {r['reference']} | {r['step_time_s']:.3f} | {r['time_ratio']:.3f} [{low:.3f}, "
+            f"{high:.3f}] | {r['peak_memory_gib']:.2f} | {r['memory_ratio']:.3f} | {r['tokens_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -218,6 +373,10 @@ def main():
         "realistic)",
     )
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
+    parser.add_argument(
+        "--quick", action="store_true", help="time and memory in one process and one pass (see the module docstring)"
+    )
+    parser.add_argument("--output-name", default=None, help="results file name (default: overhead_<device>[...])")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -226,6 +385,19 @@ def main():
 
     if args.variant:  # child process
         print(json.dumps({"peak_memory_gib": peak_memory(args)}))
+        return
+
+    if args.quick:
+        start = time.perf_counter()
+        results = quick(args)
+        table = quick_table(args, results)
+        print("\n" + table)
+        key = args.output_name or f"overhead_{args.device}_quick"
+        settings = {k: getattr(args, k) for k in ("device", "shape", "dtype", "batch", "seq", "steps", "warmup", "gc")}
+        payload = {"settings": settings, "torch": torch.__version__, "results": results, "table": table}
+        payload["seconds"] = time.perf_counter() - start
+        path = save_json(key, payload)
+        print(f"\nWrote {path} ({payload['seconds']:.0f} s)")
         return
 
     if "sft" not in args.variants:
