@@ -8,7 +8,7 @@ Detection accuracy of each path `detection="auto"` can take, on the embedded def
 The rows flagged are `--flag` rows of MMLU's calibration split (they stand for training rows without a `known`
 column); their ground truth is whether the base model's argmax over the options is right (CogCalib's definition on
 multiple-choice data). `--fit` other calibration rows stand for a `calibration_dataset`. Each path goes through the
-functions the trainer calls (`calib_trl.knowledge.fit_knowledge_rule`, `KnowledgeRule.flag`, `answer_rows`):
+functions the trainer calls (`calib_trl.cogcalib.knowledge.fit_knowledge_rule`, `KnowledgeRule.flag`, `answer_rows`):
 
 - `calibration_dataset`: an answer-NLL threshold fitted on the `--fit` rows;
 - `multiple_choice` (no calibration_dataset): the model's own answer; equal to the ground truth by construction;
@@ -52,9 +52,9 @@ def main():
         publish(saved["settings"], saved["rows"], saved["seconds"])
         return
 
+    from calib_trl.cogcalib.knowledge import detection_report, fit_knowledge_rule, youden_threshold
     from calib_trl.defaults import load_default_dataset, load_default_model, load_default_tokenizer
     from calib_trl.evaluation.scoring import answer_rows, score_completions, score_multiple_choice
-    from calib_trl.knowledge import detection_report, fit_knowledge_rule, youden_threshold
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = load_default_model(dtype=dtype).to(args.device).eval()

@@ -37,7 +37,7 @@ def main():
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = load_default_model(dtype=dtype).to(args.device)
     tok = load_default_tokenizer()
-    data = load_default_dataset()
+    data = load_default_dataset("mmlu")
     calibration = data["calibration"] if not args.calibration else data["calibration"].select(range(args.calibration))
     train = data["train"] if not args.train else data["train"].select(range(args.train))
     rows = []

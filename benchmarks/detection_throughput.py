@@ -40,7 +40,7 @@ def main():
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = load_default_model(dtype=dtype).to(args.device).eval()
     tok = load_default_tokenizer()
-    data = load_default_dataset()["train"]
+    data = load_default_dataset("mmlu")["train"]
     if args.rows:
         data = data.select(range(min(args.rows, len(data))))
     encoded = [tokenize_prompt(tok, p) for p in data["prompt"]]

@@ -65,8 +65,8 @@ def measure(task, model, tok, data, mode, batch_size) -> dict:
 
 def detection(task, model, tok, data, mode, batch_size, style_steps) -> dict:
     from calib_trl import detect_known
+    from calib_trl.cogcalib.knowledge import detection_report, fit_knowledge_rule, youden_threshold
     from calib_trl.evaluation.scoring import score_answers
-    from calib_trl.knowledge import detection_report, fit_knowledge_rule, youden_threshold
 
     calibration = data["calibration"]
     halves = calibration.train_test_split(test_size=0.5, seed=0, shuffle=True)

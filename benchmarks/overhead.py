@@ -117,7 +117,7 @@ def build_default(args):
     tok = load_default_tokenizer()
     n = args.batch * (args.steps + args.warmup)
     rows, stream = [], []
-    for row in load_default_dataset()["train"]:
+    for row in load_default_dataset("mmlu")["train"]:
         stream += tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
         while len(stream) >= args.seq and len(rows) < n:
             rows.append(stream[: args.seq])

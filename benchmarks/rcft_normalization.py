@@ -56,22 +56,19 @@ def main():
     if args.render:
         return rerender(args.device)
 
-    from calib_trl import RCFTConfig, RCFTTrainer
-    from calib_trl.calib_sft_trainer import CalibSFTTrainer
-    from calib_trl.defaults import (
-        DEFAULT_SPLIT_SIZES,
-        load_default_dataset,
-        load_default_model,
-        load_default_tokenizer,
-    )
-    from calib_trl.losses import rcft_ece_loss
-    from calib_trl.rcft_trainer import ANSWER_COLUMN
-    from calib_trl.trainer_mixin import hidden_for_outputs, shifted
+    from trl import SFTTrainer
 
-    assert TRAIN_ROWS["default train split"] == DEFAULT_SPLIT_SIZES["train"]
+    from calib_trl import RCFTConfig, RCFTTrainer
+    from calib_trl.core.capture import hidden_for_outputs, shifted
+    from calib_trl.core.columns import ANSWER_TOKEN_COLUMN, NUM_CHOICES_COLUMN
+    from calib_trl.defaults import MMLU_SPLIT_SIZES, load_default_dataset, load_default_model, load_default_tokenizer
+    from calib_trl.losses import rcft_ece_loss
+    from calib_trl.rcft.loss import option_softmax
+
+    assert TRAIN_ROWS["default train split"] == MMLU_SPLIT_SIZES["train"]
     start = time.time()
     tok = load_default_tokenizer()
-    data = load_default_dataset()
+    data = load_default_dataset("mmlu")
     train = data["train"].select(range(args.batches * args.batch))
     cfg = RCFTConfig(
         tempfile.mkdtemp(),
@@ -93,8 +90,8 @@ def main():
     trainer = RCFTTrainer(
         model=model, args=cfg, train_dataset=train, processing_class=tok, calibration_dataset=data["calibration"]
     )
-    trainer._estep(trainer.model)  # on held-out rows
-    stats = trainer._bin_stats
+    part = trainer.part("rcft")
+    part.bin_stats = stats = trainer.estimate_bins()  # on held-out rows
     model = trainer.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -102,26 +99,25 @@ def main():
 
     def estep_counts(bins, n_rows):
         # the trainer's own `"estep"` counts, for `n_rows` training rows
-        trainer.args.ece_normalization, trainer._ece_rows = "estep", n_rows
+        part.args.ece_normalization, part._ece_rows = "estep", n_rows
         try:
-            return trainer._ece_bin_counts(bins)
+            return part.ece_bin_counts(trainer, bins)
         finally:
-            trainer.args.ece_normalization, trainer._ece_rows = "batch", None
+            part.args.ece_normalization, part._ece_rows = "batch", None
 
     rows = []
     for step, batch in enumerate(trainer.get_train_dataloader()):
         t0 = time.time()
         inputs = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        answers = inputs.pop(ANSWER_COLUMN)
+        answers, options = inputs.pop(ANSWER_TOKEN_COLUMN), inputs.pop(NUM_CHOICES_COLUMN)
         n_items = (inputs["labels"][:, 1:] != -100).sum()
         with trainer._capture.capture():
-            sft = CalibSFTTrainer.compute_loss(trainer, model, inputs, num_items_in_batch=n_items)
+            sft = SFTTrainer.compute_loss(trainer, model, inputs, num_items_in_batch=n_items)
             hidden = trainer._capture.hidden
             at = shifted(answers, inputs) > 0
-            probs, num_choices = trainer._option_probs(
-                model, hidden_for_outputs(hidden, inputs)[at], shifted(answers, inputs)[at]
-            )
-        bins, accuracy = trainer._row_bins(probs)
+            num_choices = shifted(options, inputs)[at].long()
+            probs = option_softmax(trainer.option_logits(model, hidden_for_outputs(hidden, inputs)[at]), num_choices)
+        bins, accuracy = part.row_bins(probs)
         terms = {"sft": sft}
         terms["batch"] = rcft_ece_loss(probs, bins, accuracy, cfg.n_bins, num_choices)
         # the target gradient, on the option logits z: dL/dz = p * (dL/dp - <p, dL/dp>) (softmax's Jacobian)
@@ -163,7 +159,7 @@ def main():
         "batch": args.batch,
         "alpha": ALPHA,
         "lr": args.lr,
-        "estep_rows": len(trainer._estep_rows),
+        "estep_rows": len(part.estep_rows),
         "estep_counts": stats["counts"].tolist(),
         "estep_accuracy": stats["estep_accuracy"],
         "rows": rows,

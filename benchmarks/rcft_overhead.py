@@ -42,7 +42,7 @@ def main():
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tok = load_default_tokenizer()
-    data = load_default_dataset()["train"].select(range(args.rows))
+    data = load_default_dataset("mmlu")["train"].select(range(args.rows))
     trainers = {}
     for name, weight in (("cft", 0.0), ("rcft", 0.5)):
         cfg = RCFTConfig(

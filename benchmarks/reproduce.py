@@ -448,7 +448,7 @@ def flag_rows(task: Task, base_model, tok, train, data, mode, regime, batch_size
     default path), a style-adapted probe's threshold on MMLU. Returns the flagged rows and the detection's record.
     """
     from calib_trl import detect_known
-    from calib_trl.knowledge import fit_knowledge_rule
+    from calib_trl.cogcalib.knowledge import fit_knowledge_rule
 
     if task.detection == "own_answer":
         rule = fit_knowledge_rule(base_model, tok, train, max_new_tokens=mode["max_new_tokens"])

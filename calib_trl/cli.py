@@ -118,7 +118,7 @@ def cmd_evaluate(args) -> dict:
 
 
 def cmd_detect(args):
-    from .knowledge import detect_known
+    from .cogcalib.knowledge import detect_known
 
     data = load_split(args.dataset, args.split, args.max_samples, args.seed)
     calibration = None

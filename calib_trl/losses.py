@@ -35,7 +35,10 @@ _CHUNK_ELEMENTS = 1 << 24
 def lm_head_transform(model) -> dict:
     """
     How a causal LM turns `hidden @ lm_head.weight.T (+ bias)` into logits: `logit_scale` and `softcap`, read from the
-    config exactly as TRL's fused LM head reads them (`trl.trainer.utils.add_fused_lm_head`).
+    config exactly as TRL's fused LM head reads them. TRL computes them inline in `trl.trainer.utils.add_fused_lm_head`,
+    with no function of its own to import, so the reading is repeated here; `tests/test_losses.py` compares the logits
+    it gives with TRL's fused head on models that scale and soft-cap their logits, so that a model TRL learns to read
+    and this function does not fails a test.
     """
     text_config = model.config.get_text_config()
     softcap = getattr(text_config, "final_logit_softcapping", None)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from trl.data_utils import get_dataset_column_names
 
 LETTERS = tuple(string.ascii_uppercase)
 
@@ -142,18 +143,12 @@ def answer_index(answer: Any, num_choices: int, row: int | None = None) -> int:
 
 def is_multiple_choice(dataset) -> bool:
     """Whether the rows carry `choices` and `answer` (an `IterableDataset` without features: its first row)."""
-    names = dataset.column_names
-    if names is None:
-        names = list(next(iter(dataset)).keys())
-    return "choices" in names and "answer" in names
+    return {"choices", "answer"} <= set(get_dataset_column_names(dataset))
 
 
 def claims_multiple_choice(dataset) -> bool:
     """Whether the rows carry `choices` or `answer`: meant as multiple choice (and checked as such, to say what's missing)."""
-    names = dataset.column_names
-    if names is None:
-        names = list(next(iter(dataset)).keys())
-    return "choices" in names or "answer" in names
+    return bool({"choices", "answer"} & set(get_dataset_column_names(dataset)))
 
 
 def validate_mcq_dataset(dataset, name: str = "dataset", require_completion: bool = False) -> None:

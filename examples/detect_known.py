@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
 from calib_trl import detect_known
-from calib_trl.config_checks import bf16_supported
+from calib_trl.core.config import bf16_supported
 from calib_trl.scripts import CalibScriptArguments, load_splits, model_from_args
 
 

@@ -254,7 +254,7 @@ def trainer_loss_and_grads(trainer, batch):
 
 
 # Batch columns that are not model inputs: the labels, the known flags, the answer marks
-NOT_INPUTS = ("labels", "known", "answer_num_choices")
+NOT_INPUTS = ("labels", "known", "calib_answer_token", "calib_num_choices")
 
 
 def reference_loss(model, batch, args, num_items, virtual_tokens=0):
@@ -291,6 +291,11 @@ def reference_loss(model, batch, args, num_items, virtual_tokens=0):
     return (per_token * mask).sum() / num_items
 
 
+def answer_marks(batch) -> torch.Tensor:
+    """The number of options of each row at its answer token, 0 elsewhere (`[batch, seq]`)."""
+    return batch["calib_answer_token"] * batch["calib_num_choices"]
+
+
 def option_reference_loss(model, batch, args, num_items, option_ids, known=None):
     """
     The option-space loss from the full `[B, T, V]` logits: cross-entropy on every token, plus, at the answer token of
@@ -303,7 +308,7 @@ def option_reference_loss(model, batch, args, num_items, option_ids, known=None)
     mask = labels != -100
     logp = logits.log_softmax(-1)
     per_token = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    answers = batch["answer_num_choices"][:, 1:]
+    answers = answer_marks(batch)[:, 1:]
     if known is None:
         known = batch["known"][:, 1:] > 0.5 if args.apply_to == "known" else torch.ones_like(mask)
     picked = (answers > 0) & known & mask

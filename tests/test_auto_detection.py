@@ -30,9 +30,9 @@ from trl import SFTConfig
 from trl.trainer.utils import get_config_model_id
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
-from calib_trl.calib_sft_config import DEFAULT_ECP_BETA
+from calib_trl.cogcalib.calib_sft_config import DEFAULT_ECP_BETA
+from calib_trl.cogcalib.knowledge import youden_threshold
 from calib_trl.evaluation.scoring import answer_rows, score_answers
-from calib_trl.knowledge import youden_threshold
 
 
 @pytest.fixture(scope="module")

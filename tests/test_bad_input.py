@@ -11,8 +11,8 @@ from datasets import Dataset, IterableDataset
 from helpers import make_config, make_mcq_dataset, make_model
 from transformers import TrainerCallback
 
-import calib_trl.calib_sft_trainer
-import calib_trl.rcft_trainer
+import calib_trl.cogcalib.loss
+import calib_trl.rcft.loss
 from calib_trl import CalibRCFTConfig, CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
 from calib_trl.evaluation.scoring import score_multiple_choice
 from calib_trl.mcq import make_mcq_example, validate_mcq_dataset
@@ -380,7 +380,7 @@ def _nan_at_call(monkeypatch, module, name, bad_calls):
 
 
 def test_nonfinite_loss_raises_by_default(make_trainer, monkeypatch):
-    _nan_at_call(monkeypatch, calib_trl.calib_sft_trainer, "calibration_term", {1})
+    _nan_at_call(monkeypatch, calib_trl.cogcalib.loss, "calibration_term", {1})
     trainer = make_trainer(
         make_mcq_dataset(6), per_device_train_batch_size=2, max_steps=3, apply_to="all", calibration_space="vocabulary"
     )
@@ -453,7 +453,7 @@ def test_nonfinite_guard_runs_once_per_micro_batch_when_rcft_and_cogcalib_combin
 
 
 def test_nonfinite_rcft_loss_raises_or_is_skipped(make_trainer, monkeypatch):
-    _nan_at_call(monkeypatch, calib_trl.rcft_trainer, "rcft_ece_loss", {0, 1})  # each trainer's first step
+    _nan_at_call(monkeypatch, calib_trl.rcft.loss, "rcft_ece_loss", {0, 1})  # each trainer's first step
     trainer = make_trainer(make_mcq_dataset(4), RCFTTrainer, per_device_train_batch_size=2, max_steps=1)
     with pytest.raises(FloatingPointError, match=r"The train loss is nan at step 0"):
         trainer.train()
@@ -470,7 +470,7 @@ def test_nonfinite_rcft_loss_raises_or_is_skipped(make_trainer, monkeypatch):
 
 
 def test_nonfinite_loss_skip_leaves_the_parameters_unchanged(make_trainer, monkeypatch):
-    _nan_at_call(monkeypatch, calib_trl.calib_sft_trainer, "calibration_term", {1})
+    _nan_at_call(monkeypatch, calib_trl.cogcalib.loss, "calibration_term", {1})
     snapshots = ParameterSnapshots()
     # plain SGD: an update is exactly the step's gradient, so a skipped step leaves every parameter as it was
     trainer = make_trainer(
@@ -619,7 +619,8 @@ def test_rcft_config_shows_rcft_and_the_combined_config_both(tmp_path):
     # RCFTConfig has RCFT's parameters only; CogCalib's come with CalibRCFTConfig, validated as in CalibSFTConfig
     with pytest.raises(TypeError, match="calibration_weight"):
         RCFTConfig(str(tmp_path), calibration_weight=0.5)
-    assert not RCFTConfig(str(tmp_path)).has_calibration_term
+    # no CogCalib field is attached to RCFTConfig (nor read from it): RCFTTrainer holds CogCalib's part only with them
+    assert not any(hasattr(RCFTConfig(str(tmp_path)), name) for name in ("calibration_loss", "has_calibration_term"))
     with pytest.raises(ValueError, match=r"`calibration_weight` must be in \[0\.0, 1\.0\], got 2\.0"):
         CalibRCFTConfig(str(tmp_path), calibration_weight=2.0)
     with pytest.raises(ValueError, match=r"`ece_weight` must be in \[0\.0, 1\.0\], got 1\.5"):

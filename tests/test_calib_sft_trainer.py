@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from helpers import (
+    NOT_INPUTS,
     QUIET,
     first_batch,
     grads,
@@ -20,7 +21,7 @@ from helpers import (
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from trl import SFTConfig, SFTTrainer
 
-from calib_trl.trainer_mixin import ANSWER_COLUMN
+from calib_trl.core.columns import ANSWER_TOKEN_COLUMN, NUM_CHOICES_COLUMN
 
 MODES = {
     "padded": dict(max_length=1024),
@@ -265,17 +266,17 @@ def run_options(make_trainer, mode, peft=False, online=False, **kwargs):
         **kwargs,
     )
     batch = first_batch(trainer)
-    assert batch[ANSWER_COLUMN].shape == batch["input_ids"].shape
+    assert batch[ANSWER_TOKEN_COLUMN].shape == batch[NUM_CHOICES_COLUMN].shape == batch["input_ids"].shape
     model = trainer.model
     loss, fused, num_items = trainer_loss_and_grads(trainer, batch)
     known = None
     if online:  # the flags online detection gives: the answer letter's NLL against the fitted threshold
         with torch.no_grad():
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", ANSWER_COLUMN)}
+            inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
             logp = model(**inputs, use_cache=False).logits.float()[:, :-1].log_softmax(-1)
         labels = batch["labels"][:, 1:]
         nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        answers = batch[ANSWER_COLUMN][:, 1:] > 0
+        answers = batch[ANSWER_TOKEN_COLUMN][:, 1:] > 0
         # `compute_loss` was called outside `train()`, so nothing reached the logs: the threshold the detector fitted
         # (in that call) is read off the detector itself
         known = answers & (nll <= trainer.detector.threshold)
@@ -306,10 +307,10 @@ def test_option_space_loss_and_gradients_match_full_logits_reference(make_traine
         ecp_beta=0.7,
         calibration_weight=0.8,
     )
-    answers = batch[ANSWER_COLUMN] > 0
+    answers = batch[ANSWER_TOKEN_COLUMN] > 0
     known = batch["known"][answers]
     assert 0 < known.sum() < known.numel(), "the batch must mix known and unknown answers"
-    assert {3, 4} <= set(batch[ANSWER_COLUMN][answers].long().tolist()), "rows with 3 and 4 options"
+    assert {3, 4} <= set(batch[NUM_CHOICES_COLUMN][answers].long().tolist()), "rows with 3 and 4 options"
     assert "model.embed_tokens.weight" in fused
     assert_matches(loss, ref, fused, reference)
 
@@ -384,7 +385,7 @@ def test_option_space_needs_multiple_choice_data(make_trainer, caplog):
         auto = make_trainer(data, calibration_space="auto", calibration_loss="ls")
     assert "calibration_space='auto': the calibration term acts on the whole vocabulary" in caplog.text
     batch = first_batch(auto)
-    assert ANSWER_COLUMN not in batch
+    assert ANSWER_TOKEN_COLUMN not in batch
     loss, _, num_items = trainer_loss_and_grads(auto, batch)
     ref = reference_loss(auto.model, batch, auto.args, num_items)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from calib_trl import calibration_report
 from calib_trl.cli import main
+from calib_trl.cogcalib.knowledge import youden_threshold
 from calib_trl.evaluation.reports import json_safe
-from calib_trl.knowledge import youden_threshold
 
 
 def test_evaluate_writes_table_json_and_diagram(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):

@@ -9,8 +9,8 @@ from datasets import Dataset
 from helpers import make_mcq_dataset, make_model, make_tokenizer
 
 from calib_trl import OnlineKnowledgeDetector, detect_known
+from calib_trl.cogcalib.knowledge import style_adapt, youden_threshold
 from calib_trl.evaluation.scoring import normalize_text, score_answers, score_completions
-from calib_trl.knowledge import style_adapt, youden_threshold
 from calib_trl.mcq import LETTERS
 from calib_trl.tokenization import tokenize_prompt, tokenize_prompt_completion
 

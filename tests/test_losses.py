@@ -236,3 +236,36 @@ def test_calibration_term_rejects_unknown_method():
             mbls_lambda=0.1,
             ecp_beta=0.1,
         )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"logit_scale": 0.5},
+        {"output_multiplier": 1.7},
+        {"lm_head_multiplier": 0.3},
+        {"logits_scaling": 4.0},
+        {"final_logit_softcapping": 2.0, "logit_scale": 1.5},
+    ],
+)
+def test_the_lm_head_transform_is_the_one_trls_fused_head_reads(fields):
+    """`lm_head_transform` repeats what `add_fused_lm_head` reads off the config: the logits it gives through
+    `project_logits` have the log-probabilities of TRL's fused head, for every scale field TRL knows."""
+    from helpers import make_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from calib_trl.losses import lm_head_transform, project_logits
+
+    model = make_model(40, seed=3)
+    for name, value in fields.items():
+        setattr(model.config, name, value)
+    add_fused_lm_head(model)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, model.config.hidden_size)
+        head = model.get_output_embeddings()
+        z = project_logits(hidden, head.weight, head.bias, lm_head_transform(model))
+    ours = z.log_softmax(-1).gather(1, ids[:, 1:].reshape(-1, 1)).squeeze(1)
+    torch.testing.assert_close(ours, fused.log_probs[fused.label_mask].float(), rtol=1e-5, atol=1e-5)

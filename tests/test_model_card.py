@@ -11,6 +11,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calib_trl import CalibrationCallback, RCFTTrainer, calibration_report
+from calib_trl.core.state import checkpoint_state
 from calib_trl.defaults import BASE_MODEL_CONFIG_KEY
 from calib_trl.evaluation.reports import REPORT_METRICS
 
@@ -52,7 +53,7 @@ def test_checkpoint_saves_write_the_card_on_the_main_process(make_trainer, tmp_p
     )
     trainer.train()
     assert "cogcalib" in ModelCard.load(tmp_path / "README.md").data.tags
-    assert (tmp_path / "checkpoint-2" / "calib_trl_state.json").exists()
+    assert checkpoint_state(str(tmp_path / "checkpoint-2")) is not None  # calib-trl's state, in trainer_state.json
 
 
 def test_push_to_hub_writes_the_card_with_the_hub_unreachable(make_trainer, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from datasets import Dataset, concatenate_datasets
 from helpers import (
     NOT_INPUTS,
     QUIET,
+    answer_marks,
     first_batch,
     grads,
     letter_ids,
@@ -110,8 +111,8 @@ def reference_forward(model, batch, option_ids, num_items):
     logp = logits[:, :-1].log_softmax(-1)
     nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     sft = (nll * mask).sum() / num_items
-    rows, cols = (batch["answer_num_choices"] > 0).nonzero(as_tuple=True)
-    ks = batch["answer_num_choices"][rows, cols].long()
+    rows, cols = (answer_marks(batch) > 0).nonzero(as_tuple=True)
+    ks = answer_marks(batch)[rows, cols].long()
     option_logits = logits[rows, cols - 1][:, option_ids]
     probs = torch.stack(
         [
@@ -184,7 +185,7 @@ def test_ece_term_matches_full_logits_reference(make_trainer, tok, padding_free)
     )
     args, model, option_ids = trainer.args, trainer.model, letter_ids(tok)
     batch = first_batch(trainer)
-    marks = batch["answer_num_choices"]
+    marks = answer_marks(batch)
     assert marks.shape == batch["input_ids"].shape
     # one answer per row, marked with that row's number of options, and rows with 3 and with 4
     choices = {tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False): r["choices"] for r in data}
@@ -208,7 +209,12 @@ def test_ece_term_matches_full_logits_reference(make_trainer, tok, padding_free)
     assert len(set(occupied.tolist())) >= 2  # rows in the empty bin and rows in estimated ones
     accuracy = torch.linspace(0.05, 0.95, args.n_bins)
     accuracy[occupied[0]] = float("nan")
-    trainer._bin_stats = {"accuracy": accuracy, "estep_accuracy": 0.0, "estep_ece": 0.0, "estep_cw_ece": 0.0}
+    trainer.part("rcft").bin_stats = {
+        "accuracy": accuracy,
+        "estep_accuracy": 0.0,
+        "estep_ece": 0.0,
+        "estep_cw_ece": 0.0,
+    }
     loss, got, num_items = trainer_loss_and_grads(trainer, batch)
     assert_matches(loss, reference(model, batch, option_ids, accuracy, args, num_items), got, model)
     # the batch's own rows: accuracy and confidence at the answer positions, logged beside the losses
@@ -243,9 +249,9 @@ def test_cogcalib_and_rcft_combine(make_trainer, tok, method, space):
     stats = trainer.estimate_bins()  # what the first step's E-step finds: the same model on the same rows
     assert (stats["counts"] > 0).sum() >= 2  # the rows spread over several bins
     batch = first_batch(trainer)
-    answers = batch["answer_num_choices"] > 0
+    answers = answer_marks(batch) > 0
     assert 0 < batch["known"][answers].sum() < answers.sum(), "the batch must mix known and unknown answers"
-    assert {3, 4} <= set(batch["answer_num_choices"][answers].long().tolist())
+    assert {3, 4} <= set(answer_marks(batch)[answers].long().tolist())
     loss, got, num_items = trainer_loss_and_grads(trainer, batch)
     if space == "vocabulary":
         cogcalib = reference_loss(model, batch, args, num_items)
@@ -305,12 +311,13 @@ def test_empty_estep_bins(make_trainer):
     accuracy = torch.linspace(0.05, 0.95, 10)
     accuracy[3] = float("nan")
     counts = torch.tensor([0, 1, 2, 0, 3, 2, 1, 0, 1, 0], dtype=torch.float64)
-    trainer._bin_stats = {"accuracy": accuracy, "counts": counts}
+    part = trainer.part("rcft")
+    part.bin_stats = {"accuracy": accuracy, "counts": counts}
     probs = torch.tensor([[0.35, 0.3, 0.2, 0.15], [0.55, 0.25, 0.1, 0.1], [0.32, 0.3, 0.2, 0.18]])
-    bins, row_accuracy = trainer._row_bins(probs)
+    bins, row_accuracy = part.row_bins(probs)
     assert bins.tolist() == [3, 5, 3]
     torch.testing.assert_close(row_accuracy, torch.tensor([0.35, accuracy[5].item(), 0.32]))
-    n_b = trainer._ece_bin_counts(bins)
+    n_b = part.ece_bin_counts(trainer, bins)
     # 10 training rows: bin b holds counts[b] / 10 of them; bin 3 is empty in the E-step but holds 2 batch rows
     torch.testing.assert_close(n_b, torch.maximum(counts.float(), torch.tensor([0, 0, 0, 2, 0, 1, 0, 0, 0, 0.0])))
     t = authors_target([0.35, 0.3, 0.2, 0.15], 0.35)
@@ -431,7 +438,7 @@ def test_invalid_rows_raise_or_are_excluded(make_trainer):
     with pytest.raises(ValueError, match=r"Row 2 of the train dataset .* instead of the answer letter"):
         make_trainer(data, RCFTTrainer)
     trainer = make_trainer(data, RCFTTrainer, invalid_rows="exclude", max_steps=1, logging_steps=1)
-    markers = [sum(1 for v in row if v > 0) for row in trainer.train_dataset["answer_num_choices"]]
+    markers = [sum(1 for v in row if v > 0) for row in trainer.train_dataset["calib_answer_token"]]
     assert markers == [1, 1, 0, 1, 1, 1, 1, 1]  # row 2 gets no answer mark: no ECE term
     trainer.train()
     assert [h["rcft/excluded_rows"] for h in trainer.state.log_history if "loss" in h] == [1]
@@ -458,7 +465,7 @@ def test_answer_positions_follow_trls_tokenization_with_chat_template_kwargs(mak
     # located in SFTTrainer's tokens, not in a re-tokenization that leaves the note out
     from helpers import CHAT_TEMPLATE
 
-    from calib_trl.trainer_mixin import ANSWER_COLUMN
+    from calib_trl.core.columns import ANSWER_TOKEN_COLUMN
 
     tok.chat_template = "{% if note is defined %}{{ '[' + note + ']\n' }}{% endif %}" + CHAT_TEMPLATE
     data = make_mcq_dataset(6, seed=3)
@@ -467,7 +474,7 @@ def test_answer_positions_follow_trls_tokenization_with_chat_template_kwargs(mak
     letters = {LETTERS[k]: tok.convert_tokens_to_ids(LETTERS[k]) for k in range(4)}
     prepared = trainer.train_dataset
     for i, row in enumerate(prepared):
-        marks = [p for p, k in enumerate(row[ANSWER_COLUMN]) if k]
+        marks = [p for p, k in enumerate(row[ANSWER_TOKEN_COLUMN]) if k]
         assert marks == [row["labels"].index(next(t for t in row["labels"] if t != -100))]
         assert row["input_ids"][marks[0]] == letters[LETTERS[data[i]["answer"]]]
         assert "[" + "x" * (5 + 7 * i) + "]" in tok.decode(row["input_ids"])  # the note is in the trained tokens

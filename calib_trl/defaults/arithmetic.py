@@ -21,8 +21,8 @@ from __future__ import annotations
 import random
 from importlib import resources
 
+from ..core.model_card import register_dataset
 from ..mcq import make_mcq_example
-from ..model_card import register_dataset
 
 LEVELS = {
     # name: (digits of one operand, digits of the other), share of the in-domain rows

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ..core.model_card import register_dataset
 from ..mcq import DEFAULT_INSTRUCTION, LETTERS, make_mcq_example
-from ..model_card import register_dataset
 from .packages import mmlu_path
 
 logger = logging.getLogger(__name__)

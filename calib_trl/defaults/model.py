@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from huggingface_hub.constants import is_offline_mode
 
-from ..model_card import BASE_MODEL_CONFIG_KEY
+from ..core.model_card import BASE_MODEL_CONFIG_KEY
 from .packages import DEFAULT_MODEL_NAME, gguf_path
 
 logger = logging.getLogger(__name__)

@@ -36,10 +36,10 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import GenerationConfig
 from trl.data_utils import common_prefix_length, is_conversational
 
+from ..core.capture import BackboneHook
 from ..metrics import confidence_report
 from ..tokenization import prompt_text_tokens, template_kwargs, tokenize_prompt, tokenize_prompt_completion
 from .scoring import (
-    PromptHidden,
     ScoringPass,
     check_length,
     inference,
@@ -259,7 +259,7 @@ def score_generations(
     generator = extract_model_from_parallel(model)  # `generate` lives on the model, not on its DDP/FSDP wrapper
     config = _generation_config(generator, tokenizer, max_new_tokens)
     stop = set(config.eos_token_id or [])
-    capture = PromptHidden(model) if lm_check else None
+    capture = BackboneHook(model) if lm_check else None
     results = {}
     try:
         with inference(model):

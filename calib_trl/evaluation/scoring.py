@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from trl.data_utils import common_prefix_length, get_dataset_column_names, maybe_convert_to_chatml
 from trl.trainer.utils import pad
 
+from ..core.capture import BackboneHook
 from ..mcq import answer_index, is_multiple_choice, validate_mcq_dataset
 from ..tokenization import (
     OptionTokenLookup,
@@ -220,30 +221,6 @@ class MCQScores:
         return report
 
 
-class PromptHidden:
-    """
-    Keeps the last hidden state of a causal LM's backbone from the first forward pass after `reset()`: the prompt's,
-    also when `generate` then runs one pass per new token (the LM check reads it).
-    """
-
-    def __init__(self, model):
-        from ..trainer_mixin import unwrap_base
-
-        self.base = unwrap_base(model)
-        self.value = None
-        self._handle = self.base.base_model.register_forward_hook(self._hook)
-
-    def reset(self) -> None:
-        self.value = None
-
-    def _hook(self, module, args, output):
-        if self.value is None:
-            self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    def remove(self):
-        self._handle.remove()
-
-
 # Tokens projected through the LM head at once by the LM check (a [chunk, vocab] float32 buffer)
 _LM_CHECK_CHUNK = 512
 
@@ -334,7 +311,7 @@ def score_multiple_choice(
             text_tokens[i] = prompt_text_tokens(tokenizer, prompts[i], ids, chat_template, kwargs)
 
     results = {}
-    capture = PromptHidden(model) if lm_check else None
+    capture = BackboneHook(model) if lm_check else None
     try:
         with inference(model):
             batches = scoring.batches(model, encoded, batch_size, pad_id(tokenizer), desc, unit="q")
@@ -383,7 +360,7 @@ def score_multiple_choice(
     )
 
 
-def prompt_text_nll(capture: PromptHidden, sequences: list, positions: list, rows: list) -> dict:
+def prompt_text_nll(capture: BackboneHook, sequences: list, positions: list, rows: list) -> dict:
     """Summed NLL and count of each row's prompt-text tokens, from the hidden states of its left-padded batch."""
     hidden = capture.value
     width = hidden.shape[1]

@@ -150,11 +150,10 @@ def train_one(name: str, workdir: str, grad_accum: int, run_dir: str) -> tuple[d
         args = config_class(**common, **settings)
         trainer = RCFTTrainer(model=model, args=args, train_dataset=datasets[data], processing_class=tokenizer)
         esteps = record["esteps"] = []
-        estep = trainer._estep
+        estimate = trainer.estimate_bins
 
-        def recording_estep(model):
-            estep(model)
-            stats = trainer._bin_stats
+        def recording_estep(model=None):
+            stats = estimate(model)
             esteps.append(
                 {
                     "step": trainer.state.global_step,
@@ -163,8 +162,9 @@ def train_one(name: str, workdir: str, grad_accum: int, run_dir: str) -> tuple[d
                     "confidence": stats["confidence"],
                 }
             )
+            return stats
 
-        trainer._estep = recording_estep
+        trainer.estimate_bins = recording_estep
     else:
         args = CalibSFTConfig(**common, **settings)
         extra = {"calibration_dataset": datasets["mcq_calibration"]} if args.detection == "online" else {}

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .calibration_config import CalibrationConfig
-from .config_checks import check_in, check_range
+from ..core.config import CalibrationConfig, check_in, check_range
 
 # `ecp_beta=None`: β in each calibration space. The entropy over K options is at most ln K (1.39 for 4), against up to
 # ln V over the vocabulary, so the two spaces need their own weights. The option letters' β follows the default rule
@@ -186,6 +185,11 @@ class CalibSFTConfig(CalibrationConfig):
             "choices": ["raise", "warn"],
         },
     )
+
+    @property
+    def has_calibration_term(self) -> bool:
+        """Whether CogCalib's calibration term can reach any token (its loss is on, applied to some examples)."""
+        return self.calibration_loss != "none" and self.apply_to != "none" and self.calibration_weight > 0
 
     def __post_init__(self):
         super().__post_init__()

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .evaluation.scoring import answer_rows, score_answers, score_multiple_choice
-from .mcq import is_multiple_choice, validate_mcq_dataset
+from ..evaluation.scoring import answer_rows, score_answers, score_multiple_choice
+from ..mcq import is_multiple_choice, validate_mcq_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def style_adapt(
     """
     from trl import SFTConfig, SFTTrainer
 
-    from .config_checks import bf16_supported
+    from ..core.config import bf16_supported
 
     if steps <= 0:
         return model
@@ -406,7 +406,7 @@ class KnowledgeRule:
             )
             return scores.correct
         if self.path == "generation":
-            from .evaluation.generation import score_generations
+            from ..evaluation.generation import score_generations
 
             scores = score_generations(
                 model,
@@ -422,6 +422,16 @@ class KnowledgeRule:
             return scores.correct
         nll, _ = score_answers(model, tokenizer, rows, batch_size, progress=progress, desc=desc)
         return nll <= self.threshold
+
+    @classmethod
+    def from_dict(cls, state: dict) -> KnowledgeRule:
+        report = state.get("report")
+        return cls(
+            state["path"],
+            state.get("threshold"),
+            DetectionReport(**report) if report else None,
+            state.get("max_new_tokens", 32),
+        )
 
     def to_dict(self) -> dict:
         return {

@@ -68,6 +68,7 @@ class DataCollatorWithKnowledgeFlags(DataCollatorForLanguageModeling):
             number) or, after packing, one value per token.
         required (`bool`): raise when an example lacks one of the columns (otherwise the column is skipped for the
             whole batch only if every example lacks it).
+        required_columns (`tuple[str, ...]`): the columns that are required whatever `required` says.
 
     Example:
     ```python
@@ -80,12 +81,13 @@ class DataCollatorWithKnowledgeFlags(DataCollatorForLanguageModeling):
 
     flag_columns: tuple[str, ...] = field(default=("known",))
     required: bool = True
+    required_columns: tuple[str, ...] = ()
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         flags = {}
         for column in self.flag_columns:
             present = [column in example for example in examples]
-            if not any(present) and not self.required:
+            if not any(present) and not (self.required or column in self.required_columns):
                 continue
             if not all(present):
                 raise KeyError(

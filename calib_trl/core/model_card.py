@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .evaluation.reports import REPORT_METRICS, escape_markdown, format_table
+from ..evaluation.reports import REPORT_METRICS, escape_markdown, format_table
 
 COGCALIB_CITATION = textwrap.dedent("""\
     @inproceedings{wang2025objective,
@@ -303,7 +303,7 @@ class CalibrationModelCardMixin:
             wandb_url = wandb.run.url if wandb.run is not None else None
         return ModelCard.from_template(
             card_data,
-            template_path=str(resources.files("calib_trl").joinpath("templates/model_card.md")),
+            template_path=str(resources.files("calib_trl.core").joinpath("templates/model_card.md")),
             model_title=escape_markdown(model_name),
             base_model_text=base_text,
             dataset_text=_hub_link(dataset_id, "datasets/") if dataset_id else None,

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from .calib_sft_config import CalibSFTConfig
-from .calibration_config import CalibrationConfig
-from .config_checks import check_in, check_range
+from ..cogcalib.calib_sft_config import CalibSFTConfig
+from ..core.config import CalibrationConfig, check_in, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -184,16 +183,6 @@ class RCFTConfig(CalibrationConfig):
             )
         if self.estep_samples is not None and self.estep_samples < self.n_bins:
             raise ValueError(f"`estep_samples` must be at least `n_bins` ({self.n_bins}), got {self.estep_samples}.")
-
-
-# `RCFTTrainer` is a `CalibSFTTrainer` and reads CogCalib's settings: an `RCFTConfig` has them switched off, as plain
-# class attributes (not fields, so that `RCFTConfig` and its command-line flags show RCFT's parameters only)
-_COMMON = {f.name for f in fields(CalibrationConfig)}
-for _field in fields(CalibSFTConfig):
-    if _field.name not in _COMMON:
-        setattr(RCFTConfig, _field.name, _field.default)
-RCFTConfig.calibration_loss = "none"
-del _COMMON, _field
 
 
 @dataclass
