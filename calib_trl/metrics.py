@@ -371,10 +371,7 @@ def maximum_calibration_error(confidences: Any, correct: Any, n_bins: int = 10) 
     `multiclass_calibration_error(..., norm="max")`.
 
     Args:
-        confidences (`array-like` of shape `(N,)`):
-            Confidence of each prediction, in `[0, 1]`.
-        correct (`array-like` of shape `(N,)`):
-            Whether each prediction is right (booleans or 0/1).
+        confidences, correct: as in `expected_calibration_error`.
         n_bins (`int`, *optional*, defaults to `10`):
             Number of equal-width bins.
 
@@ -457,10 +454,7 @@ def negative_log_likelihood(probs: Any, labels: Any) -> float:
     gives a finite (large, `~27.6`) loss instead of infinity.
 
     Args:
-        probs (`array-like` of shape `(N, K)`):
-            Option probabilities; every row sums to 1.
-        labels (`array-like` of shape `(N,)`):
-            Index of the right option of each example, in `[0, K)`.
+        probs, labels: as in `brier_score`.
 
     Returns:
         `float`: The NLL (non-negative).
@@ -486,10 +480,7 @@ def confidence_auroc(confidences: Any, correct: Any) -> float:
     information about correctness.
 
     Args:
-        confidences (`array-like` of shape `(N,)`):
-            Confidence of each prediction, in `[0, 1]`.
-        correct (`array-like` of shape `(N,)`):
-            Whether each prediction is right (booleans or 0/1).
+        confidences, correct: as in `expected_calibration_error`.
 
     Returns:
         `float`: The AUROC in `[0, 1]`, or `nan` (no exception, no warning) when all predictions are right or all are
@@ -519,10 +510,7 @@ def smooth_ece(confidences: Any, correct: Any) -> float:
     crosses a bin edge.
 
     Args:
-        confidences (`array-like` of shape `(N,)`):
-            Confidence of each prediction, in `[0, 1]`.
-        correct (`array-like` of shape `(N,)`):
-            Whether each prediction is right (booleans or 0/1).
+        confidences, correct: as in `expected_calibration_error`.
 
     Returns:
         `float`: The smooth ECE, in `[0, 1]`.
@@ -548,10 +536,7 @@ def reliability_diagram_data(confidences: Any, correct: Any, n_bins: int = 10) -
     own, so it can differ slightly from an ECE recomputed from the bars when some confidences are exactly 1.
 
     Args:
-        confidences (`array-like` of shape `(N,)`):
-            Confidence of each prediction, in `[0, 1]`.
-        correct (`array-like` of shape `(N,)`):
-            Whether each prediction is right (booleans or 0/1).
+        confidences, correct: as in `expected_calibration_error`.
         n_bins (`int`, *optional*, defaults to `10`):
             Number of equal-width bins.
 

@@ -273,3 +273,13 @@ def test_a_damaged_cached_file_of_the_same_size_is_converted_again(fake_conversi
     assert len(calls) == 2 and "model.safetensors does not match the size and sha256" in caplog.text
     marker = json.loads((path / MARKER_FILE).read_text())
     assert marker["files"]["model.safetensors"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_the_gguf_extra_is_named_when_missing(monkeypatch, tmp_path):
+    """`gguf` is an extra (`calib-trl[embedded]`): converting without it says which package to install."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install 'calib-trl\[embedded\]'"):
+        default_model._convert(tmp_path / "model.gguf", tmp_path / "out")

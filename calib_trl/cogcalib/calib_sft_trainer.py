@@ -2,22 +2,9 @@ from __future__ import annotations
 
 import copy
 import textwrap
-from collections.abc import Callable
 
-from datasets import Dataset, IterableDataset
-from peft import PeftConfig, PeftModel
-from transformers import (
-    DataCollator,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    ProcessorMixin,
-    TrainerCallback,
-    TrainingArguments,
-)
-
-from ..core.columns import check_not_empty
-from ..core.model_card import COGCALIB_CITATION, RCFT_CITATION
-from ..core.trainer import CalibrationTrainer, resolve_config
+from ..core.model_card import COGCALIB_PAPER
+from ..core.trainer import CalibrationTrainer
 from .calib_sft_config import DEFAULT_ECP_BETA, CalibSFTConfig
 from .detection import DetectionPlan
 from .loss import CogCalibLoss, resolve_space
@@ -73,52 +60,11 @@ class CalibSFTTrainer(CalibrationTrainer):
     _config_class = CalibSFTConfig
     _tag_names = ["trl", "sft", "calib-trl", "cogcalib"]
     _name = "CalibSFT (CogCalib)"
-    _paper = {
-        "title": "Towards Objective Fine-tuning: How LLMs' Prior Knowledge Causes Potential Poor Calibration?",
-        "id": "2505.20903",
-        "citation": COGCALIB_CITATION + "\n\n" + RCFT_CITATION,
-    }
+    _paper = COGCALIB_PAPER
 
-    def __init__(
-        self,
-        model: str | PreTrainedModel | PeftModel,
-        args: CalibSFTConfig | TrainingArguments | None = None,
-        data_collator: DataCollator | None = None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | IterableDataset | dict | None = None,
-        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
-        compute_loss_func: Callable | None = None,
-        compute_metrics: Callable | None = None,
-        callbacks: list[TrainerCallback] | None = None,
-        optimizers: tuple = (None, None),
-        optimizer_cls_and_kwargs: tuple | None = None,
-        preprocess_logits_for_metrics: Callable | None = None,
-        quantization_config=None,
-        peft_config: PeftConfig | None = None,
-        formatting_func: Callable[[dict], str] | None = None,
-        calibration_dataset: Dataset | None = None,
-    ):
-        args = resolve_config(args, self._config_class, model, self._name.split()[0])
-        check_not_empty(train_dataset, "train")
+    def _make_parts(self, args, train_dataset, calibration_dataset) -> tuple:
         args, part = cogcalib_part(args, train_dataset, calibration_dataset)
-        super().__init__(
-            model,
-            args,
-            [part],
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-        )
+        return args, [part]
 
     @property
     def calibration_space(self) -> str:

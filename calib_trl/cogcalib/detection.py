@@ -288,7 +288,7 @@ class DetectionPlan:
         if self.rule.report is not None:
             logger.info("Knowledge threshold (detection='auto'):\n%s", self.rule.report)
             if not self.rule.report.fitted:
-                self.on_unfitted_threshold(self.rule.report, "Automatic detection")
+                on_unfitted_threshold(self.rule.report, "Automatic detection", self.args.unfitted_threshold)
         return self.rule
 
     def flag(self, trainer, dataset, dataset_name: str):
@@ -305,7 +305,7 @@ class DetectionPlan:
                     "multiple_choice" if is_multiple_choice(rows) else "generation",
                     max_new_tokens=args.detection_max_new_tokens,
                 )
-            self._announce_cost(trainer, rule, len(dataset), dataset_name)
+            announce_cost(trainer, rule, len(dataset), dataset_name, self.column)
             with self._detection_model(trainer) as model:
                 known = rule.flag(
                     model,
@@ -319,25 +319,6 @@ class DetectionPlan:
         known = [bool(k) for k in known]
         self.known_fractions[dataset_name] = {"known_fraction": sum(known) / max(len(known), 1), "rows": len(known)}
         return dataset.add_column(self.column, known)
-
-    def _announce_cost(self, trainer, rule: KnowledgeRule, rows: int, dataset_name: str) -> None:
-        """Before a long scoring pass: how many rows, and how to avoid it."""
-        if not trainer.is_world_process_zero():
-            return
-        work = {
-            "generation": "a greedy answer of each of",
-            "multiple_choice": "one forward pass over each of",
-            "calibration_dataset": "one forward pass over each of",
-        }.get(rule.path, "each of")
-        logger.warning(
-            "Detecting known rows before the first step (detection='auto'): %s the %d rows of the %s dataset; the "
-            "progress bar shows the time left. To skip this, flag them once with `calib_trl.detect_known` (or "
-            "`calib-trl detect`) and keep the `%s` column, or use detection='online' with a calibration_dataset.",
-            work,
-            rows,
-            dataset_name,
-            self.column,
-        )
 
     def before_batches(self, trainer, state: dict | None) -> None:
         """Restore what a checkpoint saved; flag, once, the datasets passed to the trainer without the column."""
@@ -378,21 +359,6 @@ class DetectionPlan:
                 "cross-entropy (standard SFT)."
             )
 
-    def on_unfitted_threshold(self, report, what: str) -> None:
-        """`unfitted_threshold`: stop, or go on with a loud warning, when no threshold separates known rows."""
-        consequence = (
-            "every example gets the calibration term"
-            if report.threshold > 0
-            else "no example gets the calibration term: training is plain cross-entropy (standard SFT)"
-        )
-        message = f"{what}: {report}. So {consequence}."
-        if self.args.unfitted_threshold == "raise":
-            raise ValueError(
-                f"{message} Fit on rows the model answers partly right (more, or other, calibration rows), or set "
-                "`unfitted_threshold='warn'` to train on."
-            )
-        logger.warning("NO KNOWLEDGE THRESHOLD. %s Set `unfitted_threshold='raise'` to stop instead.", message)
-
     def before_prepare(self, trainer, dataset, dataset_name: str):
         """A dataset prepared after the first batch (passed to `evaluate`) is flagged by the same rule as the others."""
         if self.flag_on_prepare and self.column not in get_dataset_column_names(dataset):
@@ -406,40 +372,23 @@ class DetectionPlan:
             report = self.detector.refit(model, trainer.state.global_step)
             logger.info("Online detection re-fitted at step %d:\n%s", trainer.state.global_step, report)
             if not report.fitted:
-                self.on_unfitted_threshold(report, f"Online detection at step {trainer.state.global_step}")
+                on_unfitted_threshold(
+                    report, f"Online detection at step {trainer.state.global_step}", self.args.unfitted_threshold
+                )
 
     def selected(self, trainer, inputs, known, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The loss tokens of the examples that get the calibration term: all, the known ones, or the online-known."""
         if self.path in ("all", "no_answer"):
             return mask
         if self.detector is not None:
-            return mask & self._online_flags(trainer, inputs, nll, mask)
+            example_nll, inverse = answer_nll_per_example(trainer, inputs, nll, mask, self.answer_nll)
+            return self.detector.flags(example_nll)[inverse] & mask
         if known is None:
             raise KeyError(
                 f"The batch has no `{self.column}` tensor. With a custom data collator, return it as a per-token "
                 "tensor (see `calib_trl.DataCollatorWithKnowledgeFlags`)."
             )
         return mask & (trainer.to_outputs(known, inputs) > 0.5)
-
-    def _online_flags(self, trainer, inputs, nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-token known flags from each example's answer NLL in this very batch."""
-        ex = trainer.to_outputs(example_index(inputs, inputs["input_ids"].shape, trainer.padding_free), inputs)
-        ex = torch.where(mask, ex, torch.full_like(ex, -1))
-        ids, inverse = torch.unique(ex, return_inverse=True)
-        n = ids.numel()
-        if self.answer_nll == "first":
-            # the first label position of each example holds its answer token
-            pos = torch.arange(ex.shape[-1], device=ex.device).expand_as(ex)
-            first = torch.full((n,), ex.shape[-1], device=ex.device, dtype=torch.long)
-            first.scatter_reduce_(0, inverse[mask], pos[mask], reduce="amin")
-            is_first = mask & (pos == first[inverse])
-            example_nll = torch.zeros(n, device=nll.device).index_add_(0, inverse[is_first], nll[is_first])
-        else:
-            total = torch.zeros(n, device=nll.device).index_add_(0, inverse[mask], nll[mask])
-            count = torch.zeros(n, device=nll.device).index_add_(0, inverse[mask], torch.ones_like(nll[mask]))
-            example_nll = total / count.clamp(min=1)
-        known = self.detector.flags(example_nll)
-        return known[inverse] & mask
 
     def log(self, logs) -> None:
         """The online threshold and its fit; detection accuracy is NaN while no threshold is fitted."""
@@ -497,3 +446,60 @@ class DetectionPlan:
         if rule is not None:
             self.rule = rule
         self._restored_from = where
+
+
+def answer_nll_per_example(trainer, inputs, nll: torch.Tensor, mask: torch.Tensor, answer_nll: str):
+    """
+    Each example's answer NLL in this very batch (`answer_nll`: `"first"`, the first loss token's, or `"mean"`, the
+    mean over its loss tokens), and the index of each token's example in it (`-1`-padded positions share one).
+    """
+    ex = trainer.to_outputs(example_index(inputs, inputs["input_ids"].shape, trainer.padding_free), inputs)
+    ex = torch.where(mask, ex, torch.full_like(ex, -1))
+    ids, inverse = torch.unique(ex, return_inverse=True)
+    n = ids.numel()
+    if answer_nll == "first":
+        # the first label position of each example holds its answer token
+        pos = torch.arange(ex.shape[-1], device=ex.device).expand_as(ex)
+        first = torch.full((n,), ex.shape[-1], device=ex.device, dtype=torch.long)
+        first.scatter_reduce_(0, inverse[mask], pos[mask], reduce="amin")
+        is_first = mask & (pos == first[inverse])
+        return torch.zeros(n, device=nll.device).index_add_(0, inverse[is_first], nll[is_first]), inverse
+    total = torch.zeros(n, device=nll.device).index_add_(0, inverse[mask], nll[mask])
+    count = torch.zeros(n, device=nll.device).index_add_(0, inverse[mask], torch.ones_like(nll[mask]))
+    return total / count.clamp(min=1), inverse
+
+
+def announce_cost(trainer, rule: KnowledgeRule, rows: int, dataset_name: str, column: str) -> None:
+    """Before a long scoring pass: how many rows, and how to avoid it."""
+    if not trainer.is_world_process_zero():
+        return
+    work = {
+        "generation": "a greedy answer of each of",
+        "multiple_choice": "one forward pass over each of",
+        "calibration_dataset": "one forward pass over each of",
+    }.get(rule.path, "each of")
+    logger.warning(
+        "Detecting known rows before the first step (detection='auto'): %s the %d rows of the %s dataset; the "
+        "progress bar shows the time left. To skip this, flag them once with `calib_trl.detect_known` (or "
+        "`calib-trl detect`) and keep the `%s` column, or use detection='online' with a calibration_dataset.",
+        work,
+        rows,
+        dataset_name,
+        column,
+    )
+
+
+def on_unfitted_threshold(report, what: str, mode: str) -> None:
+    """`unfitted_threshold`: stop, or go on with a loud warning, when no threshold separates known rows."""
+    consequence = (
+        "every example gets the calibration term"
+        if report.threshold > 0
+        else "no example gets the calibration term: training is plain cross-entropy (standard SFT)"
+    )
+    message = f"{what}: {report}. So {consequence}."
+    if mode == "raise":
+        raise ValueError(
+            f"{message} Fit on rows the model answers partly right (more, or other, calibration rows), or set "
+            "`unfitted_threshold='warn'` to train on."
+        )
+    logger.warning("NO KNOWLEDGE THRESHOLD. %s Set `unfitted_threshold='raise'` to stop instead.", message)

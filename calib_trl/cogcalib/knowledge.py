@@ -474,19 +474,19 @@ def fit_knowledge_rule(
         return KnowledgeRule("generation", max_new_tokens=max_new_tokens)
     if is_multiple_choice(calibration_dataset):
         validate_mcq_dataset(calibration_dataset, name="calibration_dataset")
-    nll, correct = score_answers(
-        model,
-        tokenizer,
-        calibration_dataset,
-        batch_size,
-        check_correct=True,
-        progress=progress,
-        desc="Fitting the known threshold",
-    )
     with warnings.catch_warnings():  # an unfitted threshold is reported through `report.fitted`
         warnings.simplefilter("ignore")
-        t, j, tpr, tnr = youden_threshold(nll, correct)
-    return KnowledgeRule("calibration_dataset", t, detection_report(nll, correct, t, j, tpr, tnr))
+        report = fit_threshold(
+            model, tokenizer, calibration_dataset, batch_size, progress, "Fitting the known threshold"
+        )
+    return KnowledgeRule("calibration_dataset", report.threshold, report)
+
+
+def fit_threshold(model, tokenizer, rows, batch_size: int, progress: bool, desc: str) -> DetectionReport:
+    """The Youden threshold of the answer NLL on `rows`, against whether the model answers each correctly."""
+    nll, correct = score_answers(model, tokenizer, rows, batch_size, check_correct=True, progress=progress, desc=desc)
+    t, j, tpr, tnr = youden_threshold(nll, correct)
+    return detection_report(nll, correct, t, j, tpr, tnr)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -555,19 +555,11 @@ class OnlineKnowledgeDetector:
         return global_step % self.refit_steps == 0 and global_step != self.last_refit_step
 
     def refit(self, model, global_step: int = 0) -> DetectionReport:
-        nll, correct = score_answers(
-            model,
-            self.tokenizer,
-            self.calibration_dataset,
-            self.batch_size,
-            check_correct=True,
-            progress=self.progress,
-            desc="Re-fitting the known threshold",
-        )
-        t, j, tpr, tnr = youden_threshold(nll, correct)
-        self.threshold = t
+        desc = "Re-fitting the known threshold"
+        report = fit_threshold(model, self.tokenizer, self.calibration_dataset, self.batch_size, self.progress, desc)
+        self.threshold = report.threshold
         self.last_refit_step = global_step
-        self.last_report = detection_report(nll, correct, t, j, tpr, tnr)
+        self.last_report = report
         self.history.append({"step": global_step, **self.last_report.to_dict()})
         return self.last_report
 

@@ -57,6 +57,18 @@ RCFT_CITATION = textwrap.dedent("""\
         eprint       = {arXiv:2505.01997}
     }""")
 
+COGCALIB_PAPER = {
+    "title": "Towards Objective Fine-tuning: How LLMs' Prior Knowledge Causes Potential Poor Calibration?",
+    "id": "2505.20903",
+    "citation": COGCALIB_CITATION + "\n\n" + RCFT_CITATION,
+}
+RCFT_PAPER = {
+    "title": "Restoring Calibration for Aligned Large Language Models: A Calibration-Aware Fine-Tuning Approach",
+    "id": "2505.01997",
+    "citation": RCFT_CITATION + "\n\n" + COGCALIB_CITATION,
+}
+"""The trainers' `_paper` (TRL's convention): the method's paper first, both papers' BibTeX in the card."""
+
 BASE_MODEL_CONFIG_KEY = "calib_trl_base_model"
 """Config attribute naming the Hub model a local checkpoint descends from (kept by `from_pretrained`/`save_pretrained`)."""
 

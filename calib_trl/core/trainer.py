@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
-from datasets import Dataset
-from transformers import TrainingArguments
+from datasets import Dataset, IterableDataset
+from peft import PeftConfig, PeftModel
+from transformers import (
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+    TrainingArguments,
+)
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -28,7 +37,7 @@ from trl.trainer.utils import get_config_model_id
 from ..losses import full_lm_head_params, lm_head_transform, project_logits
 from .capture import ForwardCapture, shifted, unwrap_base
 from .collator import DataCollatorWithKnowledgeFlags
-from .columns import AnswerLocator
+from .columns import AnswerLocator, check_not_empty
 from .config import CalibrationConfig
 from .model_card import CalibrationModelCardMixin
 from .part import CalibrationPart, LossStep
@@ -70,13 +79,38 @@ def resolve_config(args, config_class, model, suffix: str):
 
 class CalibrationTrainer(CalibrationModelCardMixin, SFTTrainer):
     """
-    `SFTTrainer` with calibration parts (see the module docstring). Subclasses build their parts before calling
-    `__init__` with them; `CalibSFTTrainer` and `RCFTTrainer` are the two.
+    `SFTTrainer` with calibration parts (see the module docstring); its signature is `SFTTrainer`'s, plus
+    `calibration_dataset`. Subclasses say which parts a configuration gets (`_make_parts`); `CalibSFTTrainer` and
+    `RCFTTrainer` are the two.
     """
 
     _tag_names = ["trl", "sft", "calib-trl"]
+    _config_class = CalibrationConfig
 
-    def __init__(self, model, args, parts: list[CalibrationPart], **sft_kwargs):
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        args: TrainingArguments | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config=None,
+        peft_config: PeftConfig | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
+        calibration_dataset: Dataset | None = None,
+    ):
+        sft_kwargs = {k: v for k, v in locals().items() if k not in ("self", "model", "args", "calibration_dataset")}
+        sft_kwargs.pop("__class__", None)
+        args = resolve_config(args, self._config_class, model, self._name.split()[0])
+        check_not_empty(train_dataset, "train")
+        args, parts = self._make_parts(args, train_dataset, calibration_dataset)
         self.parts = parts
         self._skipped_steps = 0
         self._virtual_tokens = 0
@@ -133,6 +167,10 @@ class CalibrationTrainer(CalibrationModelCardMixin, SFTTrainer):
                 "head.",
                 readers[0].reads_lm_head_what(),
             )
+
+    def _make_parts(self, args, train_dataset, calibration_dataset) -> tuple:
+        """The method's parts, decided before `SFTTrainer.__init__` prepares the datasets, and the arguments they use."""
+        raise NotImplementedError
 
     @staticmethod
     def _eval_datasets(eval_dataset) -> dict:

@@ -136,9 +136,22 @@ def _finish_tokenizer(tokenizer, max_length: int):
     return tokenizer
 
 
+def require_gguf() -> None:
+    """Reading the embedded GGUF file needs the `gguf` package, an extra of calib-trl: say so, and how to install it."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"Reading the embedded {DEFAULT_MODEL_NAME} (a GGUF file) needs the `gguf` package, an extra of calib-trl: "
+            "pip install 'calib-trl[embedded]' (or pip install gguf)."
+        )
+
+
 def _convert(source: Path, target: Path) -> None:
     """Dequantize the GGUF at `source` into a plain float32 checkpoint in the (new) directory `target`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_gguf()
 
     directory, name = str(source.parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
@@ -293,6 +306,7 @@ def load_default_tokenizer():
     if _is_valid(target, None, names=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")):
         return AutoTokenizer.from_pretrained(target)
     source = gguf_path()
+    require_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     return _finish_tokenizer(tokenizer, DEFAULT_MODEL_MAX_LENGTH)
 

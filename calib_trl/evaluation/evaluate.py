@@ -66,48 +66,31 @@ def evaluate_calibration(
             `GenerationScores.report`).
         The others: as in `score_multiple_choice`.
     """
-    if row_kind(dataset) == "multiple_choice":
-        scores = score_multiple_choice(
+    kind = row_kind(dataset)
+    common = dict(batch_size=batch_size, chat_template=chat_template, progress=progress, desc=desc, shard=shard)
+    if kind == "multiple_choice":
+        scores = score_multiple_choice(model, tokenizer, dataset, lm_check=lm_check, **common)
+        report, confidences = scores.report(n_bins=n_bins), scores.confidences
+    else:
+        temperatures = [] if temperature is None else [temperature]
+        scores = score_generations(
             model,
             tokenizer,
             dataset,
-            batch_size=batch_size,
-            chat_template=chat_template,
-            progress=progress,
-            desc=desc,
-            shard=shard,
+            max_new_tokens=max_new_tokens,
+            match=match,
+            temperatures=temperatures,
             lm_check=lm_check,
+            **common,
         )
-        evaluation = Evaluation(
-            "multiple_choice", scores.report(n_bins=n_bins), scores.confidences, scores.correct, scores
-        )
-        if temperature is not None:
-            probs = apply_temperature(scores.logits, temperature)
-            evaluation.scaled_report = scores.report(n_bins=n_bins, temperature=temperature)
-            evaluation.scaled_confidences = probs.max(axis=1)
+        report, confidences = scores.report(n_bins=n_bins, confidence=confidence), scores.confidences(confidence)
+    evaluation = Evaluation(kind, report, confidences, scores.correct, scores)
+    if temperature is None:
         return evaluation
-    scores = score_generations(
-        model,
-        tokenizer,
-        dataset,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        match=match,
-        temperatures=[] if temperature is None else [temperature],
-        lm_check=lm_check,
-        chat_template=chat_template,
-        progress=progress,
-        desc=desc,
-        shard=shard,
-    )
-    evaluation = Evaluation(
-        "generation",
-        scores.report(n_bins=n_bins, confidence=confidence),
-        scores.confidences(confidence),
-        scores.correct,
-        scores,
-    )
-    if temperature is not None:
+    if kind == "multiple_choice":
+        evaluation.scaled_report = scores.report(n_bins=n_bins, temperature=temperature)
+        evaluation.scaled_confidences = apply_temperature(scores.logits, temperature).max(axis=1)
+    else:
         evaluation.scaled_report = scores.report(n_bins=n_bins, confidence=confidence, temperature=temperature)
         evaluation.scaled_confidences = scores.confidences(confidence, temperature)
     return evaluation

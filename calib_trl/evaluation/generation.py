@@ -41,8 +41,10 @@ from ..metrics import confidence_report
 from ..tokenization import prompt_text_tokens, template_kwargs, tokenize_prompt, tokenize_prompt_completion
 from .scoring import (
     ScoringPass,
+    check_answer_rows,
     check_length,
     inference,
+    last_logits,
     no_router_logits,
     normalize_text,
     pad_id,
@@ -226,15 +228,7 @@ def score_generations(
         desc (`str`): its label.
         shard (`bool`): under `accelerate launch`, answer a share of the rows on each process and gather them.
     """
-    for column in ("prompt", "completion"):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"Scoring generated answers needs `prompt` and `completion` columns (the completion is the reference "
-                f"answer); `{column}` is missing (got {dataset.column_names})."
-            )
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("The dataset is empty: there is nothing to answer.")
+    n = check_answer_rows(dataset)
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
     temperatures = [float(t) for t in temperatures]
@@ -361,14 +355,7 @@ def reference_token_logits(
             model, sequences, batch_size, pad_id(tokenizer), "Reference answers", "ex"
         ):
             keep = max(answer_len[i] for i in batch) + 1
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                logits_to_keep=keep,
-                use_cache=False,
-                **no_router_logits(model),
-            ).logits.float()
+            logits = last_logits(model, ids, mask, pos, keep)
             for r, i in enumerate(batch):
                 m = answer_len[i]
                 chunks[i] = logits[r, keep - 1 - m : keep - 1].cpu()

@@ -124,6 +124,20 @@ def no_router_logits(model) -> dict:
     return {"output_router_logits": False} if hasattr(config, "output_router_logits") else {}
 
 
+def check_answer_rows(dataset) -> int:
+    """The number of open-ended rows (`prompt`, and `completion`: the reference answer), or a `ValueError` saying why
+    there are none to score."""
+    for column in ("prompt", "completion"):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"Scoring open-ended answers needs `prompt` and `completion` columns (the completion is the reference "
+                f"answer); `{column}` is missing (got {dataset.column_names})."
+            )
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: there is nothing to score.")
+    return len(dataset)
+
+
 def position_limit(model) -> int | None:
     """The number of positions the model declares (`max_position_embeddings`), or `None` when its config has none."""
     config = extract_model_from_parallel(model).config
@@ -148,6 +162,13 @@ def pad_id(tokenizer) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Multiple choice
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def last_logits(model, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
+    """float32 logits of the last `keep` positions of a left-padded batch (the completion's, teacher-forced)."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return model(**kwargs, logits_to_keep=keep, **no_router_logits(model)).logits.float()
 
 
 @torch.no_grad()
@@ -425,15 +446,7 @@ def score_completions(
     """
     from .generation import match_answer, reference_text
 
-    for column in ("prompt", "completion"):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"Scoring open-ended answers needs `prompt` and `completion` columns; `{column}` is missing "
-                f"(got {dataset.column_names})."
-            )
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("The dataset is empty: there is nothing to score.")
+    n = check_answer_rows(dataset)
     prompts, completions = dataset["prompt"], dataset["completion"]
     scoring = ScoringPass(n, shard, progress)
     limit = position_limit(model)
@@ -451,14 +464,7 @@ def score_completions(
     with inference(model), torch.no_grad():
         for batch, ids, mask, pos in scoring.batches(model, seqs, batch_size, pad_token, desc, unit="ex"):
             keep = max(comp_len[i] for i in batch) + 1
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                logits_to_keep=keep,
-                use_cache=False,
-                **no_router_logits(model),
-            ).logits.float()
+            logits = last_logits(model, ids, mask, pos, keep)
             logp = logits[:, :-1].log_softmax(-1)  # predicts the last keep-1 tokens
             targets = ids[:, ids.shape[1] - keep + 1 :].to(logp.device)
             token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -1,24 +1,11 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
-
-from datasets import Dataset, IterableDataset
-from peft import PeftConfig, PeftModel
-from transformers import (
-    DataCollator,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    ProcessorMixin,
-    TrainerCallback,
-    TrainingArguments,
-)
 
 from ..cogcalib.calib_sft_config import CalibSFTConfig
 from ..cogcalib.calib_sft_trainer import cogcalib_part
-from ..core.columns import check_not_empty
-from ..core.model_card import COGCALIB_CITATION, RCFT_CITATION
-from ..core.trainer import CalibrationTrainer, resolve_config
+from ..core.model_card import RCFT_PAPER
+from ..core.trainer import CalibrationTrainer
 from .loss import RCFTLoss
 from .rcft_config import RCFTConfig
 
@@ -54,7 +41,7 @@ class RCFTTrainer(CalibrationTrainer):
 
     Args:
         model, data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers, peft_config,
-        formatting_func, and the other keyword arguments: as in [`~trl.SFTTrainer`].
+        formatting_func, and the other arguments: as in [`~trl.SFTTrainer`] (`CalibrationTrainer`'s signature).
         args (`RCFTConfig` or `CalibRCFTConfig`, *optional*): converted from a `TrainingArguments` or `SFTConfig` as
             `SFTTrainer` converts one; `None` gives `RCFTConfig()`'s defaults.
         estep_dataset (`datasets.Dataset`, *optional*): held-out multiple-choice rows for the E-step.
@@ -66,34 +53,13 @@ class RCFTTrainer(CalibrationTrainer):
     _config_class = RCFTConfig
     _tag_names = ["trl", "sft", "calib-trl", "rcft"]
     _name = "RCFT"
-    _paper = {
-        "title": "Restoring Calibration for Aligned Large Language Models: A Calibration-Aware Fine-Tuning Approach",
-        "id": "2505.01997",
-        "citation": RCFT_CITATION + "\n\n" + COGCALIB_CITATION,
-    }
+    _paper = RCFT_PAPER
 
-    def __init__(
-        self,
-        model: str | PreTrainedModel | PeftModel,
-        args: RCFTConfig | TrainingArguments | None = None,
-        data_collator: DataCollator | None = None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | IterableDataset | dict | None = None,
-        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
-        compute_loss_func: Callable | None = None,
-        compute_metrics: Callable | None = None,
-        callbacks: list[TrainerCallback] | None = None,
-        optimizers: tuple = (None, None),
-        optimizer_cls_and_kwargs: tuple | None = None,
-        preprocess_logits_for_metrics: Callable | None = None,
-        quantization_config=None,
-        peft_config: PeftConfig | None = None,
-        formatting_func: Callable[[dict], str] | None = None,
-        calibration_dataset: Dataset | None = None,
-        estep_dataset: Dataset | None = None,
-    ):
-        args = resolve_config(args, self._config_class, model, self._name)
-        check_not_empty(train_dataset, "train")
+    def __init__(self, model, args: RCFTConfig | None = None, *sft_args, estep_dataset=None, **sft_kwargs):
+        self._estep_dataset = estep_dataset
+        super().__init__(model, args, *sft_args, **sft_kwargs)
+
+    def _make_parts(self, args, train_dataset, calibration_dataset) -> tuple:
         parts = []
         if isinstance(args, CalibSFTConfig) and args.has_calibration_term:  # RCFT combined with CogCalib's term
             self._tag_names = [*type(self)._tag_names, "cogcalib"]
@@ -101,25 +67,8 @@ class RCFTTrainer(CalibrationTrainer):
             detects = args.apply_to == "known" and args.detection in ("auto", "online")
             args, part = cogcalib_part(args, train_dataset, calibration_dataset if detects else None)
             parts.append(part)
-        parts.append(RCFTLoss(args, train_dataset, estep_dataset, calibration_dataset))
-        super().__init__(
-            model,
-            args,
-            parts,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-        )
+        parts.append(RCFTLoss(args, train_dataset, self._estep_dataset, calibration_dataset))
+        return args, parts
 
     @property
     def estep_source(self) -> str:
