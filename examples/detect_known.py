@@ -16,12 +16,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from example_utils import CalibScriptArguments, load_splits, model_from_args
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
 from calib_trl import detect_known
 from calib_trl.core.config import bf16_supported
-from calib_trl.scripts import CalibScriptArguments, load_splits, model_from_args
 
 
 @dataclass

@@ -2,11 +2,13 @@
 """
 CFT and RCFT: calibration-aware fine-tuning on multiple-choice data, with an EM-based ECE regulariser.
 
-With no arguments it runs RCFT on the embedded defaults (SmolLM2-135M-Instruct and MMLU, offline) on a small subset
-that finishes in about 10 minutes on 2 CPU cores, in float32 (bf16 only where the accelerator supports it):
+RCFT needs multiple-choice rows. With no arguments it runs RCFT on the embedded arithmetic task in letter format
+(SmolLM2-135M-Instruct, offline) on a small subset that finishes in about 10 minutes on 2 CPU cores, in float32 (bf16
+only where the accelerator supports it):
 
-    python examples/rcft.py                      # RCFT
-    python examples/rcft.py --ece_weight 0       # CFT (completion-only SFT)
+    python examples/rcft.py                          # RCFT
+    python examples/rcft.py --ece_weight 0           # CFT (completion-only SFT)
+    python examples/rcft.py --dataset_name mmlu      # MMLU
 
 Full scale, on a GPU:
 
@@ -15,14 +17,11 @@ Full scale, on a GPU:
 The E-step scores the calibration split's rows (`--calibration_split`, `--max_calibration_samples`), held out from
 training; `--estep_source train` scores the training rows instead, as the authors' code does.
 
-It prints a before/after table (accuracy, ECE, class-wise ECE, Brier), writes reliability diagrams, the model and a
-model card with the calibration results.
+It prints a before/after table (accuracy, AUROC, ECE, ECE after temperature scaling, answer mass, LM check), writes
+reliability diagrams, the model and a model card with the calibration results.
 """
 
-from trl import ModelConfig, TrlParser, get_peft_config
-
-from calib_trl import RCFTConfig, RCFTTrainer
-from calib_trl.scripts import (
+from example_utils import (
     CalibScriptArguments,
     add_calibration_callback,
     evaluate_splits,
@@ -30,12 +29,15 @@ from calib_trl.scripts import (
     load_splits,
     model_from_args,
 )
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from calib_trl import RCFTConfig, RCFTTrainer
 
 
 def main(script_args, training_args, model_args):
     model, tokenizer = model_from_args(model_args, training_args)
     splits = load_splits(script_args)
-    before = evaluate_splits(model, tokenizer, splits, script_args.eval_batch_size)
+    before = evaluate_splits(model, tokenizer, splits, script_args)
     trainer = RCFTTrainer(
         model=model,
         args=training_args,
@@ -60,11 +62,12 @@ def make_parser():
         logging_steps=4,
         save_strategy="no",
         report_to=[],
-        # Padding-free batches: no compute is spent on padding (MMLU prompts range from 60 to 800 tokens)
+        # Padding-free batches: no compute is spent on padding
         padding_free=True,
         max_length=None,
-        estep_samples=96,
+        estep_samples=64,
     )
+    parser.set_defaults(dataset_name="arithmetic-mc")
     return parser
 
 

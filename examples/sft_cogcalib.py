@@ -1,11 +1,14 @@
 # Copyright 2026 The calib-trl authors. Licensed under the Apache License, Version 2.0.
 """
-CogCalib: fine-tune with calibration losses on the examples the model already knows.
+CogCalib: fine-tune with a calibration loss on the examples the model already knows.
 
-With no arguments it runs on the embedded defaults (SmolLM2-135M-Instruct and MMLU, offline), on a small subset that
-finishes in about 10 minutes on 2 CPU cores, in float32 (bf16 is used only where the accelerator supports it):
+With no arguments it runs on the embedded defaults, offline: SmolLM2-135M-Instruct learning the arithmetic task,
+answered in words (96 training rows, 64 test and 64 out-of-domain rows); about 10 minutes on 2 CPU cores, in float32
+(bf16 is used only where the accelerator supports it):
 
     python examples/sft_cogcalib.py
+    python examples/sft_cogcalib.py --dataset_name arithmetic-mc    # the same rows as multiple choice
+    python examples/sft_cogcalib.py --dataset_name mmlu              # MMLU, which this model answers at chance
 
 Full scale, on a GPU (see examples/configs/cogcalib_full.yaml; flags override the file):
 
@@ -13,17 +16,15 @@ Full scale, on a GPU (see examples/configs/cogcalib_full.yaml; flags override th
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/sft_cogcalib.py \
         --config examples/configs/cogcalib_full.yaml
 
-Steps: (1) measure the base model's calibration on the evaluation split; (2) flag known training examples
-(`detect_known`, after a short style adaptation), or let the trainer detect them online; (3) train with
-`CalibSFTTrainer`; (4) measure again, print a before/after table, write reliability diagrams, the model and its card.
+Steps: (1) measure the base model's calibration on the evaluation and out-of-domain splits, before and after
+temperature scaling; (2) train with `CalibSFTTrainer`, which flags the rows the model already knows before the first
+step (or `--style_adaptation_steps N`: flag them here with `detect_known` after N steps of style adaptation); (3)
+measure again, print the before/after table, write the model, its card, reliability diagrams and calibration.json.
 """
 
 from __future__ import annotations
 
-from trl import ModelConfig, TrlParser, get_peft_config
-
-from calib_trl import CalibSFTConfig, CalibSFTTrainer, detect_known
-from calib_trl.scripts import (
+from example_utils import (
     CalibScriptArguments,
     add_calibration_callback,
     evaluate_splits,
@@ -31,22 +32,21 @@ from calib_trl.scripts import (
     load_splits,
     model_from_args,
 )
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from calib_trl import CalibSFTConfig, CalibSFTTrainer, detect_known
 
 
 def main(script_args, training_args, model_args):
     model, tokenizer = model_from_args(model_args, training_args)
     splits = load_splits(script_args)
-    before = evaluate_splits(model, tokenizer, splits, script_args.eval_batch_size)
+    before = evaluate_splits(model, tokenizer, splits, script_args)
 
     train = splits["train"]
     calibration = splits.get("calibration")
-    # Flags computed here, after a short style adaptation; `detection="auto"` (the default) then reads them from the
-    # `known` column. Without this step the trainer would detect them itself, without style adaptation.
-    if (
-        training_args.has_calibration_term
-        and training_args.apply_to == "known"
-        and training_args.detection != "online"
-    ):
+    detects = training_args.has_calibration_term and training_args.apply_to == "known"
+    if detects and script_args.style_adaptation_steps > 0 and training_args.detection != "online":
+        # CogCalib's precomputed detection: the trainer then reads the flags from the `known` column
         train, report = detect_known(
             model,
             tokenizer,
@@ -71,7 +71,7 @@ def main(script_args, training_args, model_args):
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        calibration_dataset=calibration,
+        calibration_dataset=calibration if training_args.detection == "online" else None,
     )
     add_calibration_callback(trainer, splits, script_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -90,7 +90,7 @@ def make_parser():
         logging_steps=4,
         save_strategy="no",
         report_to=[],
-        # Padding-free batches: no compute is spent on padding (MMLU prompts range from 60 to 800 tokens)
+        # Padding-free batches: no compute is spent on padding
         padding_free=True,
         max_length=None,
     )

@@ -15,11 +15,12 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from calib_trl import calibration_report
-from calib_trl.evaluation.reports import report_keys
 from calib_trl.loading import MissingSplitError
-from calib_trl.scripts import CalibScriptArguments, load_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from example_utils import CalibScriptArguments, load_splits  # noqa: E402
+
 TINY = [
     "--max_train_samples",
     "8",
@@ -72,8 +73,12 @@ def check_outputs(out, tag, stdout, model_dir, dataset_dir):
     expected = calibration_report(base["probs"], base["labels"])
     for key in ("accuracy", "ece", "brier", "mean_confidence"):
         assert result["before"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-    # the before/after table has the columns of `calib-trl evaluate`, row counts included
-    assert "|  | " + " | ".join(report_keys([result["report"]])) + " |" in stdout and "| n |" in stdout
+    # the before/after table: the key columns, which direction is better, the difference, what 6 rows can show
+    header = "| split | model | rows | accuracy ↑ | AUROC ↑ | ECE ↓ | ECE after TS (T) ↓ | answer mass ↑ | LM NLL ↓ |"
+    assert header in stdout and "| test | base | 6 |" in stdout and "| test | difference | |" in stdout
+    assert "6 rows per split: a difference in accuracy below about" in stdout
+    assert result["temperature_scaled"]["temperature"] > 0 and "ood_before" in result
+    assert stdout.rstrip().splitlines()[-1].startswith(f"Wrote {out}: the model (model.safetensors), its card")
     assert (out / "reliability_before_after.png").stat().st_size > 1000
     card = ModelCard.load(out / "README.md")
     assert {"calib-trl", tag} <= set(card.data.tags)
@@ -95,12 +100,21 @@ def load_example(name):
 @pytest.mark.parametrize("name, config", [("sft_cogcalib", "cogcalib_full.yaml"), ("rcft", "rcft_full.yaml")])
 def test_example_arguments_use_current_names(name, config, tmp_path):
     # transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old name
+    import yaml
+
     parser = load_example(name).make_parser()
-    for argv in ([], ["--config", os.path.join(ROOT, "examples", "configs", config), "--bf16", "false"]):
+    path = os.path.join(ROOT, "examples", "configs", config)
+    with open(path) as f:
+        written = yaml.safe_load(f)
+    assert "gradient_checkpointing" not in written
+    for argv in ([], ["--config", path, "--bf16", "false"]):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
-            _, training_args, _ = parser.parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
-        assert training_args.activation_checkpointing == bool(argv)
+            script_args, training_args, _ = parser.parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+        if argv:  # the file's settings reach the parsed arguments
+            assert training_args.activation_checkpointing == written["activation_checkpointing"]
+            assert script_args.dataset_name == written["dataset_name"]
+            assert training_args.num_train_epochs == written["num_train_epochs"]
 
 
 def test_a_missing_ood_split_is_an_error_unless_none(tiny_dataset_dir):
@@ -136,7 +150,7 @@ def test_sft_cogcalib_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
         ],
         tmp_path,
     )
-    assert "base / test" in stdout and "CogCalib / test" in stdout and "CogCalib / ood" in stdout
+    assert "| test | CogCalib | 6 |" in stdout and "| ood | CogCalib | 6 |" in stdout
     assert "Knowledge detection" in stdout and "detection accuracy" in stdout
     check_outputs(out, "cogcalib", stdout, tiny_model_dir, tiny_dataset_dir)
 
@@ -177,7 +191,7 @@ def test_sft_cogcalib_example_with_config_under_accelerate_launch(tiny_model_dir
         ],
         tmp_path,
     )
-    assert stdout.count("CogCalib / test") == 1  # printed by the main process only
+    assert stdout.count("| test | CogCalib |") == 1  # printed by the main process only
     check_outputs(out, "cogcalib", stdout, tiny_model_dir, tiny_dataset_dir)
 
 
@@ -199,7 +213,7 @@ def test_rcft_example(tiny_model_dir, tiny_dataset_dir, tmp_path):
         ],
         tmp_path,
     )
-    assert "RCFT / test" in stdout
+    assert "| test | RCFT | 6 |" in stdout
     check_outputs(out, "rcft", stdout, tiny_model_dir, tiny_dataset_dir)
 
 

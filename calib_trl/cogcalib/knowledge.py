@@ -172,6 +172,7 @@ def style_adapt(
     peft_config=None,
     seed: int = 0,
     in_place: bool = False,
+    progress: bool = True,
     **sft_kwargs,
 ):
     """
@@ -180,7 +181,8 @@ def style_adapt(
 
     Trains a copy of `model` (or a LoRA adapter on it, with `peft_config`) for `steps` optimizer steps of `batch_size`
     examples drawn from `dataset` (its `prompt`/`completion` columns), with a constant learning rate. The input model
-    is left untouched unless `in_place=True`.
+    is left untouched unless `in_place=True`. It announces itself in one log line and shows a progress bar
+    (`progress`), so that it is not taken for the training run it precedes.
 
     Returns:
         The adapted model (a `PeftModel` when `peft_config` is given).
@@ -218,8 +220,8 @@ def style_adapt(
             activation_checkpointing=False,
             report_to=[],
             save_strategy="no",
-            logging_steps=max(1, steps // 5),
-            disable_tqdm=True,
+            logging_steps=steps + 1,  # no loss lines: they would read as the training run's
+            disable_tqdm=not progress,
             seed=seed,
             bf16=sft_kwargs.pop("bf16", bf16_supported()),
             **sft_kwargs,
@@ -227,8 +229,13 @@ def style_adapt(
         trainer = SFTTrainer(
             model=target, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
         )
-        logger.info(
-            "Style adaptation: %d steps of %d examples at lr %g", steps, per_device * accumulation, learning_rate
+        logger.warning(
+            "Style adaptation (CogCalib's step before detection): %d SFT steps of %d rows at lr %g on %d rows of the "
+            "task's format, on a copy of the model, so that the answer NLL reflects knowledge rather than wording.",
+            steps,
+            per_device * accumulation * world,
+            learning_rate,
+            len(dataset),
         )
         trainer.train()
         adapted = trainer.model
@@ -312,9 +319,8 @@ def detect_known(
                 "`calibration_dataset` or a `style_adaptation_dataset` to avoid it."
             )
             style_adaptation_dataset = dataset
-        probe = style_adapt(
-            model, tokenizer, style_adaptation_dataset, steps=style_adaptation_steps, **(style_adaptation_kwargs or {})
-        )
+        kwargs = {"progress": progress, **(style_adaptation_kwargs or {})}
+        probe = style_adapt(model, tokenizer, style_adaptation_dataset, steps=style_adaptation_steps, **kwargs)
     report = None
     if calibration_dataset is not None:
         if is_multiple_choice(calibration_dataset):
