@@ -194,6 +194,36 @@ def _sub_report(run: dict, key: str) -> dict | None:
     return report
 
 
+def cmd_export(args):
+    """Write an embedded dataset's splits as JSON-lines files that `datasets.load_dataset(folder)` reads offline."""
+    from .defaults import load_default_dataset, resolve_dataset_name
+
+    name = resolve_dataset_name(args.dataset)
+    splits = load_default_dataset(name, seed=args.seed)
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    for split, data in splits.items():
+        if args.max_samples is not None:
+            data = data.select(range(min(args.max_samples, len(data))))
+        # `load_dataset` reads train/validation/test files as those splits; calibration rows are the validation split
+        path = os.path.join(args.output, f"{EXPORT_NAMES.get(split, split)}.jsonl")
+        data.to_json(path)
+        written.append(f"{path} ({len(data)} rows)")
+    print(f"Wrote the {name} dataset: {', '.join(written)}.")
+    print(f"`datasets.load_dataset({args.output!r})` reads train, validation (the calibration rows) and test.")
+
+
+# The file each split of an embedded dataset is written to by `export`: the names `datasets.load_dataset` reads
+EXPORT_NAMES = {"calibration": "validation"}
+
+
+def cmd_model_path(args):
+    """The directory of the embedded default model as a plain checkpoint (converted once), for `from_pretrained`."""
+    from .defaults import default_model_path
+
+    print(default_model_path())
+
+
 def cmd_report(args):
     from .evaluation.plotting import plot_reliability_diagrams
 
@@ -376,6 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--n-bins", type=int, default=10, help="With --lm-eval: bins of the ECE and the diagrams.")
     rp.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser(
+        "export",
+        help="Write an embedded dataset as JSON-lines files (train, validation = calibration, test, ood), offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ex.add_argument("--dataset", default="default", help="`default` = `arithmetic`, `arithmetic-mc` or `mmlu`.")
+    ex.add_argument("--output", required=True, help="The folder the files go to.")
+    ex.add_argument("--max-samples", type=int, default=None, help="At most N rows per split (all when unset).")
+    ex.add_argument("--seed", type=int, default=0, help="Seed of the embedded datasets' splits.")
+    ex.set_defaults(func=cmd_export)
+
+    mp = sub.add_parser("model-path", help="Print the directory of the embedded default model (converted once).")
+    mp.set_defaults(func=cmd_model_path)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -26,6 +27,7 @@ from helpers import (
     make_open_ended_dataset,
     make_tokenizer,
 )
+from huggingface_hub import ModelCard
 from peft import LoraConfig, PromptTuningConfig
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
@@ -385,3 +387,39 @@ def test_swapping_one_class_in_a_trl_script(default_model_dir, tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     assert all("calib/known_fraction" in h for h in logs)
+
+
+def test_trls_own_sft_script_with_the_class_swapped_runs_offline(tiny_model_dir, tmp_path):
+    """
+    README's recipe: TRL's stock `trl/scripts/sft.py` with its trainer swapped, pointed at a local model and at an
+    embedded dataset written as JSON lines (`calib-trl export`), offline; `--bf16 false` because `SFTConfig` turns
+    bf16 on where the CPU cannot run it.
+    """
+    import difflib
+    import subprocess
+    import sys
+
+    import trl.scripts.sft
+
+    from calib_trl.cli import main
+
+    source = open(trl.scripts.sft.__file__).read()
+    swapped = source.replace(
+        "    from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config\n",
+        "    from trl import get_dataset, get_peft_config, get_quantization_config\n\n"
+        "    from calib_trl import CalibSFTTrainer\n",
+    ).replace("    trainer = SFTTrainer(\n", "    trainer = CalibSFTTrainer(\n")
+    diff = [line for line in difflib.ndiff(source.splitlines(), swapped.splitlines()) if line[:2] in ("- ", "+ ")]
+    assert len(diff) == 6  # one import line and the class name changed, one import (and a blank line) added
+    (tmp_path / "sft.py").write_text(swapped)
+    assert main(["export", "--dataset", "arithmetic", "--output", str(tmp_path / "data"), "--max-samples", "8"]) == 0
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "data")]
+    argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4"]
+    argv += ["--bf16", "false", "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "sft.py"), *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training completed" in result.stdout and "Knowledge detection (detection='auto')" in result.stderr
+    assert "cogcalib" in ModelCard.load(tmp_path / "out" / "README.md").data.tags
