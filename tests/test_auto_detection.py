@@ -73,6 +73,12 @@ def test_multiple_choice_rows_are_flagged_by_the_models_own_answer_inside_train(
     assert "the model's own answer (multiple-choice rows, no calibration_dataset)" in line
     assert f"train {expected.mean():.3f} of 12 rows, eval {expected_eval.mean():.3f} of 6 rows" in line
     assert trainer.detection_summary["path"] == "multiple_choice"
+    # before the scoring pass: how many rows, and how to avoid it
+    costs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Detecting known rows")]
+    assert len(costs) == 2  # the train rows, then the evaluation rows
+    assert "one forward pass over each of the 12 rows of the train dataset" in costs[0]
+    assert "one forward pass over each of the 6 rows of the eval dataset" in costs[1]
+    assert "calib_trl.detect_known" in costs[0] and "detection='online'" in costs[0]
     # the share of the loss tokens (each row's answer letter and end of turn) that get the term
     loss_tokens = [sum(label != -100 for label in labels[1:]) for labels in trainer.train_dataset["labels"]]
     known_tokens = sum(n for n, known in zip(loss_tokens, expected) if known)
@@ -109,6 +115,8 @@ def test_open_ended_rows_are_flagged_by_the_models_own_greedy_answer(make_traine
     (line,) = detection_lines(caplog)
     assert "the model's own greedy answer (open-ended rows, no calibration_dataset)" in line
     assert "known fraction: train 0.500 of 16 rows" in line
+    (cost,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Detecting known rows")]
+    assert "a greedy answer of each of the 16 rows of the train dataset" in cost
 
 
 def test_a_model_that_answers_no_open_ended_row_flags_every_row_unknown(make_trainer, caplog):
