@@ -663,9 +663,11 @@ def markdown(task: Task, results: dict, summary: dict) -> str:
     s = results["settings"]
     side = side_key(task)
     side_name = {"answer_mass": "answer mass", "entropy": "entropy"}[side]
+    # the seeds some run was trained on (a seed whose runs were cut short is not in the table)
+    trained = sorted({int(seed) for methods in results["runs"].values() for runs in methods.values() for seed in runs})
     lines = [
         f"Mode `{s['mode']}` on {s['device']}: {s['mode_settings']['train'] or 'all'} training rows per seed, seeds "
-        f"{', '.join(map(str, s['seeds']))}; {s['sizes']['test']} test and {s['sizes']['ood']} out-of-domain rows; "
+        f"{', '.join(map(str, trained))}; {s['sizes']['test']} test and {s['sizes']['ood']} out-of-domain rows; "
         f"temperature fitted on {min(s['mode_settings']['ts_rows'], s['sizes']['calibration'])} calibration rows "
         f"(`python benchmarks/reproduce.py --task {s['task']} --mode {s['mode']}`).",
         "",
