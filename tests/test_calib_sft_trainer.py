@@ -380,12 +380,24 @@ def test_option_space_needs_multiple_choice_data(make_trainer, caplog):
     data = Dataset.from_list([{"prompt": "2+2=", "completion": " 4", "known": k} for k in (True, False) * 2])
     with pytest.raises(ValueError, match=r"`calibration_space='options'` .* needs multiple-choice rows"):
         make_trainer(data, calibration_space="options")
-    # "auto" falls back to the whole vocabulary: the loss is the vocabulary-space loss
-    with caplog.at_level(logging.INFO, logger="calib_trl"):
-        auto = make_trainer(data, calibration_space="auto", calibration_loss="ls")
-    assert "calibration_space='auto': the calibration term acts on the whole vocabulary" in caplog.text
-    batch = first_batch(auto)
+    # "vocabulary": the papers' loss over the whole vocabulary
+    vocabulary = make_trainer(data, calibration_space="vocabulary", calibration_loss="ls")
+    batch = first_batch(vocabulary)
     assert ANSWER_TOKEN_COLUMN not in batch
-    loss, _, num_items = trainer_loss_and_grads(auto, batch)
-    ref = reference_loss(auto.model, batch, auto.args, num_items)
+    loss, _, num_items = trainer_loss_and_grads(vocabulary, batch)
+    ref = reference_loss(vocabulary.model, batch, vocabulary.args, num_items)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    # "auto" gives rows that are not multiple choice no term (benchmarks/README.md), and says so
+    with caplog.at_level(logging.WARNING, logger="calib_trl"):
+        auto = make_trainer(data, calibration_space="auto", calibration_loss="ls")
+    assert "calibration_space='auto': the training rows are not multiple choice, so they get no calibration term" in (
+        caplog.text
+    )
+    assert auto.calibration_space == "none" and not auto.adds_terms and auto.detection_summary is None
+    auto_batch = first_batch(auto)
+    loss, _, num_items = trainer_loss_and_grads(auto, auto_batch)
+    plain = copy.copy(auto.args)
+    plain.calibration_loss = "none"
+    torch.testing.assert_close(loss, reference_loss(auto.model, auto_batch, plain, num_items), rtol=1e-5, atol=1e-5)
+    # the vocabulary-space term is not zero on these rows, so the two losses differ
+    assert not torch.allclose(ref, reference_loss(vocabulary.model, batch, plain, num_items))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -179,9 +180,14 @@ VOCABULARY_SPACE = {
 }
 
 
+# rows that are not multiple choice: `calibration_space="auto"` gives them no term, so these ask for the vocabulary's
+NOT_MULTIPLE_CHOICE = {"language_modeling", "skip_prepare_dataset", "moe_open_ended"}
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_calibration_on_trains(scenario, tmp_path, tiny_model_dir):
-    trainer, losses, before = run("calib", scenario, tmp_path, tiny_model_dir)
+    space = {"calibration_space": "vocabulary"} if scenario in NOT_MULTIPLE_CHOICE else {}
+    trainer, losses, before = run("calib", scenario, tmp_path, tiny_model_dir, **space)
     assert trainer.args.has_calibration_term
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert before and any(not torch.equal(p, dict(trainer.model.named_parameters())[n]) for n, p in before.items())
@@ -193,6 +199,14 @@ def test_calibration_on_trains(scenario, tmp_path, tiny_model_dir):
     known = [h["calib/known_fraction"] for h in trainer.state.log_history if "calib/known_fraction" in h]
     # the calibration term reached some tokens; a random model answers no open-ended row, so none of those is known
     assert known and (np.mean(known) > 0 or scenario == "moe_open_ended")
+
+
+@pytest.mark.parametrize("scenario", sorted(NOT_MULTIPLE_CHOICE))
+def test_rows_that_are_not_multiple_choice_get_no_term_by_default(scenario, tmp_path, tiny_model_dir):
+    _, sft, _ = run("sft", scenario, tmp_path, tiny_model_dir)
+    trainer, calib, _ = run("calib", scenario, tmp_path, tiny_model_dir)
+    assert trainer.args.has_calibration_term and trainer.calibration_space == "none" and not trainer.adds_terms
+    assert len(sft) == 2 and calib == sft
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "training_arguments"])  # converted: calibration on
@@ -344,7 +358,10 @@ def test_vision_language_models_train_as_sft_trainer_and_refuse_calibration(tmp_
     model, processor, data = tiny_vlm()
     with pytest.raises(ValueError, match=r"calib-trl's calibration terms do not support vision datasets"):
         CalibSFTTrainer(
-            model=model, args=CalibSFTConfig(str(tmp_path), **values), train_dataset=data, processing_class=processor
+            model=model,
+            args=CalibSFTConfig(str(tmp_path), calibration_space="vocabulary", **values),
+            train_dataset=data,
+            processing_class=processor,
         )
 
 
@@ -364,8 +381,12 @@ trainer.train()
 
 
 @pytest.mark.slow
-def test_swapping_one_class_in_a_trl_script(default_model_dir, tmp_path):
-    """The README's swap: one changed import and one changed class name, and the script trains with calibration."""
+@pytest.mark.parametrize("dataset", ["arithmetic-mc", "arithmetic"])
+def test_swapping_one_class_in_a_trl_script(default_model_dir, tmp_path, dataset, caplog):
+    """
+    The README's swap: one changed import and one changed class name. On multiple-choice rows the script trains with
+    calibration on the option letters; on open-ended rows `calibration_space="auto"` gives no term, and says why.
+    """
     from calib_trl.defaults import load_default_dataset
 
     script = TRL_SCRIPT.replace("from trl import SFTTrainer", "from calib_trl import CalibSFTTrainer")
@@ -378,15 +399,21 @@ def test_swapping_one_class_in_a_trl_script(default_model_dir, tmp_path):
     namespace = {
         "MODEL": str(default_model_dir),
         "OUTPUT": str(tmp_path),
-        "DATASET": load_default_dataset()["train"].select(range(8)),
+        "DATASET": load_default_dataset(dataset)["train"].select(range(8)),
     }
-    exec(script, namespace)
+    with caplog.at_level(logging.WARNING, logger="calib_trl"):
+        exec(script, namespace)
     trainer = namespace["trainer"]
     assert isinstance(trainer, CalibSFTTrainer) and trainer.args.has_calibration_term
-    assert trainer.detection_summary["path"] == "generation"  # the default data is open-ended: the model's own answers
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
-    assert all("calib/known_fraction" in h for h in logs)
+    if dataset == "arithmetic-mc":  # multiple choice: the model's own answers flag the rows, the letters get the term
+        assert trainer.detection_summary["path"] == "multiple_choice" and trainer.calibration_space == "options"
+        assert all("calib/known_fraction" in h for h in logs)
+    else:
+        assert trainer.calibration_space == "none" and trainer.detection_summary is None and not trainer.adds_terms
+        assert "the training rows are not multiple choice, so they get no calibration term" in caplog.text
+        assert not any("calib/known_fraction" in h for h in logs)
 
 
 def test_trls_own_sft_script_with_the_class_swapped_runs_offline(tiny_model_dir, tmp_path):
@@ -412,7 +439,11 @@ def test_trls_own_sft_script_with_the_class_swapped_runs_offline(tiny_model_dir,
     diff = [line for line in difflib.ndiff(source.splitlines(), swapped.splitlines()) if line[:2] in ("- ", "+ ")]
     assert len(diff) == 6  # one import line and the class name changed, one import (and a blank line) added
     (tmp_path / "sft.py").write_text(swapped)
-    assert main(["export", "--dataset", "arithmetic", "--output", str(tmp_path / "data"), "--max-samples", "8"]) == 0
+    # multiple-choice rows: the option-letter term (open-ended rows get none by default, and the stock script's
+    # SFTConfig has no `calibration_space` flag to ask for the vocabulary's)
+    assert (
+        main(["export", "--dataset", "arithmetic-mc", "--output", str(tmp_path / "data"), "--max-samples", "8"]) == 0
+    )
     argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "data")]
     argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4"]
     argv += ["--bf16", "false", "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no"]

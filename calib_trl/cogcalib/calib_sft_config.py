@@ -6,7 +6,8 @@ from ..core.config import CalibrationConfig, check_in, check_range
 
 # `ecp_beta=None`: β in each calibration space. The entropy over K options is at most ln K (1.39 for 4), against up to
 # ln V over the vocabulary, so the two spaces need their own weights. The option letters' β follows the default rule
-# (benchmarks/README.md); the vocabulary's is the earlier default, which that rule could not judge on open-ended data.
+# on the multiple-choice table (benchmarks/README.md, MMLU); the vocabulary's is the value measured on the open-ended
+# arithmetic table, where it lowered ECE at a cost in the LM check, so `"auto"` gives open-ended rows no term.
 DEFAULT_ECP_BETA = {"options": 4.0, "vocabulary": 2.0}
 
 
@@ -25,11 +26,12 @@ class CalibSFTConfig(CalibrationConfig):
         calibration_loss (`str`, *optional*, defaults to `"ecp"`):
             Calibration term for known examples: `"ls"` (label smoothing, CoLS), `"mbls"` (margin-based label
             smoothing, CoMbLS), `"ecp"` (confidence penalty, CoECP) or `"none"` (plain SFT). The defaults of
-            `calibration_loss`, `calibration_space` and the weights below follow one rule, applied to the table of
-            `benchmarks/reproduce.py`: the lowest ECE (test and out-of-domain) among the settings whose accuracy is
-            at least SFT's minus 1 point and whose `answer_mass` is at least 0.9 x SFT's, each judged by its paired
-            interval. The table, and what it can and cannot tell apart, is in benchmarks/README.md; `ls_epsilon`,
-            `mbls_margin` and `mbls_lambda` were not in it and keep their earlier defaults.
+            `calibration_loss`, `calibration_space` and the weights below follow one rule, applied to the tables of
+            `benchmarks/reproduce.py` (benchmarks/README.md), each judged by its paired interval: the lowest ECE (test
+            and out-of-domain) among the settings that keep accuracy at least SFT's minus 1 point and, on multiple
+            choice, `answer_mass` at least 0.9 x SFT's (MMLU table: CoECP on the option letters, β 4), on open-ended
+            answers the LM check within its interval of SFT's (arithmetic table: no setting qualified, so `"auto"`
+            gives open-ended rows no term). `ls_epsilon`, `mbls_margin` and `mbls_lambda` keep earlier defaults.
         apply_to (`str`, *optional*, defaults to `"known"`):
             Which examples get the calibration term: `"known"` (CogCalib), `"all"` (the plain calibration loss on all
             data) or `"none"` (standard SFT). With the paper's ablations in one trainer.
@@ -56,9 +58,12 @@ class CalibSFTConfig(CalibrationConfig):
             answer token only, the distribution that option-letter ECE measures; every other token keeps plain
             cross-entropy, so probability is moved between the options and not off them. `"auto"`: `"options"` when
             the training rows are multiple-choice prompt/completion rows in a `datasets.Dataset` (packed, if at
-            all, with `packing_strategy="bfd"`), else `"vocabulary"`; multiple-choice rows that cannot take the
-            option term (conversational `messages`, an `IterableDataset`, packing that can cut a question off its
-            answer) get a warning saying why. The trainer's `calibration_space` property says which one a run uses.
+            all, with `packing_strategy="bfd"`); multiple-choice rows that cannot take the option term
+            (conversational `messages`, an `IterableDataset`, packing that can cut a question off its answer) get
+            `"vocabulary"`, with a warning saying why. Rows that are not multiple choice (open-ended answers, plain text) get
+            no calibration term under `"auto"`, with a warning: on the open-ended arithmetic table no vocabulary
+            setting lowered ECE while keeping the LM check (benchmarks/README.md); `"vocabulary"` gives them the
+            papers' loss. The trainer's `calibration_space` property says which one a run uses (`"none"`: no term).
 
         > Parameters that control knowledge detection
 
@@ -141,7 +146,8 @@ class CalibSFTConfig(CalibrationConfig):
         default="auto",
         metadata={
             "help": "Distribution the calibration term acts on: `vocabulary` (every completion token), `options` (the "
-            "softmax over the option letters at the answer token; multiple-choice data) or `auto`.",
+            "softmax over the option letters at the answer token; multiple-choice data) or `auto` (`options` for "
+            "multiple-choice rows; no term on other rows, see benchmarks/README.md).",
             "choices": ["vocabulary", "options", "auto"],
         },
     )

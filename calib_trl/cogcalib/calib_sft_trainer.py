@@ -68,7 +68,10 @@ class CalibSFTTrainer(CalibrationTrainer):
 
     @property
     def calibration_space(self) -> str:
-        """The distribution the calibration term acts on in this run: `"options"` or `"vocabulary"` (`"auto"` resolved)."""
+        """
+        The distribution the calibration term acts on in this run: `"options"` or `"vocabulary"`, or `"none"` where
+        `"auto"` gives the rows no term (they are not multiple choice).
+        """
         return self.part("cogcalib").space
 
 
@@ -79,10 +82,11 @@ def cogcalib_part(args, train_dataset, calibration_dataset) -> tuple:
     trainer).
     """
     space = resolve_space(args, train_dataset)
-    if args.ecp_beta is None:
+    if args.ecp_beta is None and space != "none":
         args = copy.copy(args)
         args.ecp_beta = DEFAULT_ECP_BETA[space]
-    plan = DetectionPlan(args, train_dataset, calibration_dataset) if args.has_calibration_term else None
+    adds_term = args.has_calibration_term and space != "none"
+    plan = DetectionPlan(args, train_dataset, calibration_dataset) if adds_term else None
     return args, CogCalibLoss(args, space, plan)
 
 
