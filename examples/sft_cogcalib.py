@@ -3,7 +3,7 @@
 CogCalib: fine-tune with a calibration loss on the examples the model already knows.
 
 With no arguments it runs on the embedded defaults, offline: SmolLM2-135M-Instruct learning the arithmetic task,
-answered in words (96 training rows, 64 test and 64 out-of-domain rows); about 10 minutes on 2 CPU cores, in float32
+answered in words (96 training rows, 64 test and 64 out-of-domain rows); about 4 minutes on 2 CPU cores, in float32
 (bf16 is used only where the accelerator supports it):
 
     python examples/sft_cogcalib.py
