@@ -34,7 +34,9 @@ class CalibSFTTrainer(CalibrationTrainer):
       when available.
 
     Everything else is `SFTTrainer`'s, whose own checks come first; with the calibration off (`calibration_loss="none"`
-    or `apply_to="none"`) it trains exactly as `SFTTrainer`. Vision datasets are refused with a calibration term.
+    or `apply_to="none"`), and on rows that are not multiple choice under `calibration_space="auto"` (no term there by
+    default, see `CalibSFTConfig.calibration_space`), it trains exactly as `SFTTrainer`. Vision datasets are refused
+    with a calibration term.
 
     Args:
         model, data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers, peft_config,
@@ -53,7 +55,7 @@ class CalibSFTTrainer(CalibrationTrainer):
     >>> from trl import SFTConfig
     >>> from calib_trl import CalibSFTTrainer  # instead of `from trl import SFTTrainer`
     >>> trainer = CalibSFTTrainer(model=model, args=SFTConfig("out"), train_dataset=train)
-    >>> trainer.train()  # detects the known rows first, then trains with CoECP on them
+    >>> trainer.train()  # multiple choice: detects the known rows first, then CoECP on their option letters
     ```
     """
 
