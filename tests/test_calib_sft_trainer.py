@@ -401,3 +401,7 @@ def test_option_space_needs_multiple_choice_data(make_trainer, caplog):
     torch.testing.assert_close(loss, reference_loss(auto.model, auto_batch, plain, num_items), rtol=1e-5, atol=1e-5)
     # the vocabulary-space term is not zero on these rows, so the two losses differ
     assert not torch.allclose(ref, reference_loss(vocabulary.model, batch, plain, num_items))
+    # the model card says that the run had no term, and why
+    auto.create_model_card()
+    text = open(f"{auto.args.output_dir}/README.md").read()
+    assert "| calibration_space | auto: not multiple choice, so no calibration term: on the open-ended arithmetic" in text
