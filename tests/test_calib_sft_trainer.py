@@ -404,4 +404,6 @@ def test_option_space_needs_multiple_choice_data(make_trainer, caplog):
     # the model card says that the run had no term, and why
     auto.create_model_card()
     text = open(f"{auto.args.output_dir}/README.md").read()
-    assert "| calibration_space | auto: not multiple choice, so no calibration term: on the open-ended arithmetic" in text
+    assert (
+        "| calibration_space | auto: not multiple choice, so no calibration term: on the open-ended arithmetic" in text
+    )
