@@ -35,7 +35,6 @@ from example_utils import (
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, detect_known
-from calib_trl.mcq import is_multiple_choice
 
 
 def main(script_args, training_args, model_args):
@@ -45,19 +44,6 @@ def main(script_args, training_args, model_args):
 
     train = splits["train"]
     calibration = splits.get("calibration")
-    if (
-        training_args.calibration_space == "auto"
-        and training_args.has_calibration_term
-        and not is_multiple_choice(train)
-    ):
-        # The library's "auto" gives open-ended rows no term (on the arithmetic table it lowered ECE but raised the LM
-        # check, benchmarks/README.md); this example shows the method on them, and its table shows what it costs.
-        training_args.calibration_space = "vocabulary"
-        print(
-            "Open-ended rows: this example gives them CogCalib's term over the whole vocabulary "
-            "(calibration_space='vocabulary'; the library's 'auto' would give none). --calibration_loss none trains "
-            "without it."
-        )
     detects = training_args.has_calibration_term and training_args.apply_to == "known"
     if detects and script_args.style_adaptation_steps > 0 and training_args.detection != "online":
         # CogCalib's precomputed detection: the trainer then reads the flags from the `known` column

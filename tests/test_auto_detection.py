@@ -30,7 +30,7 @@ from trl import SFTConfig
 from trl.trainer.utils import get_config_model_id
 
 from calib_trl import CalibSFTConfig, CalibSFTTrainer, RCFTConfig, RCFTTrainer
-from calib_trl.cogcalib.calib_sft_config import DEFAULT_ECP_BETA
+from calib_trl.cogcalib.calib_sft_config import DEFAULT_ECP_BETA, DEFAULT_LOSS, DEFAULT_LS_EPSILON
 from calib_trl.cogcalib.knowledge import youden_threshold
 from calib_trl.evaluation.scoring import answer_rows, score_answers
 
@@ -299,7 +299,11 @@ def test_training_arguments_and_sft_configs_are_converted(tmp_path, tok, caplog,
     assert type(trainer.args) is CalibSFTConfig
     assert (trainer.args.learning_rate, trainer.args.max_steps) == (1e-3, 1)
     defaults = {f.name: f.default for f in dataclasses.fields(CalibSFTConfig)}
-    assert (trainer.args.calibration_loss, trainer.args.detection) == (defaults["calibration_loss"], "auto")
+    # `calibration_loss=None` by default: the run's args hold the resolved space's term (multiple choice: the options')
+    assert defaults["calibration_loss"] is None and trainer.calibration_space == "options"
+    assert (
+        (trainer.args.calibration_loss, trainer.args.detection) == (DEFAULT_LOSS["options"], "auto") == ("ecp", "auto")
+    )
     assert f"`args` is a `{source.__name__}`: converted to a `CalibSFTConfig`" in caplog.text
     trainer.train()
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
@@ -319,9 +323,14 @@ def test_no_args_gives_the_default_config_and_trains(tmp_path, tok, monkeypatch)
     # built first: a new config resets the accelerator state that a trainer holds
     expected = CalibSFTConfig(f"{get_config_model_id(model.config).split('/')[-1]}-CalibSFT").to_dict()
     trainer = CalibSFTTrainer(model=model, train_dataset=make_mcq_dataset(8), processing_class=tok)
-    # the one setting the trainer fills in: the default β of the space it resolved (multiple-choice rows: the options)
-    assert expected["ecp_beta"] is None and trainer.calibration_space == "options"
-    assert trainer.args.to_dict() == {**expected, "ecp_beta": DEFAULT_ECP_BETA["options"]}
+    # the settings the trainer fills in: the defaults of the space it resolved (multiple-choice rows: the options)
+    resolved = {
+        "calibration_loss": DEFAULT_LOSS["options"],
+        "ls_epsilon": DEFAULT_LS_EPSILON["options"],
+        "ecp_beta": DEFAULT_ECP_BETA["options"],
+    }
+    assert all(expected[name] is None for name in resolved) and trainer.calibration_space == "options"
+    assert trainer.args.to_dict() == {**expected, **resolved}
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     assert trainer.state.global_step > 0 and math.isfinite(trainer.state.log_history[-1]["train_loss"])

@@ -21,6 +21,7 @@ from helpers import (
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from trl import SFTConfig, SFTTrainer
 
+from calib_trl.cogcalib.calib_sft_config import DEFAULT_LS_EPSILON
 from calib_trl.core.columns import ANSWER_TOKEN_COLUMN, NUM_CHOICES_COLUMN
 
 MODES = {
@@ -387,23 +388,25 @@ def test_option_space_needs_multiple_choice_data(make_trainer, caplog):
     loss, _, num_items = trainer_loss_and_grads(vocabulary, batch)
     ref = reference_loss(vocabulary.model, batch, vocabulary.args, num_items)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    # "auto" gives rows that are not multiple choice no term (benchmarks/README.md), and says so
-    with caplog.at_level(logging.WARNING, logger="calib_trl"):
-        auto = make_trainer(data, calibration_space="auto", calibration_loss="ls")
-    assert "calibration_space='auto': the training rows are not multiple choice, so they get no calibration term" in (
+    # "auto" with the defaults: the vocabulary, and the rule's choice there (CoLS, ε 0.1), written into the run's args
+    with caplog.at_level(logging.INFO, logger="calib_trl"):
+        auto = make_trainer(data, calibration_space="auto")
+    assert "calibration_space='auto': the rows are not multiple choice; the term acts on the whole vocabulary" in (
         caplog.text
     )
-    assert auto.calibration_space == "none" and not auto.adds_terms and auto.detection_summary is None
+    assert auto.calibration_space == "vocabulary" and auto.adds_terms
+    assert (
+        (auto.args.calibration_loss, auto.args.ls_epsilon) == ("ls", DEFAULT_LS_EPSILON["vocabulary"]) == ("ls", 0.1)
+    )
     auto_batch = first_batch(auto)
     loss, _, num_items = trainer_loss_and_grads(auto, auto_batch)
+    torch.testing.assert_close(
+        loss, reference_loss(auto.model, auto_batch, auto.args, num_items), rtol=1e-5, atol=1e-5
+    )
     plain = copy.copy(auto.args)
     plain.calibration_loss = "none"
-    torch.testing.assert_close(loss, reference_loss(auto.model, auto_batch, plain, num_items), rtol=1e-5, atol=1e-5)
-    # the vocabulary-space term is not zero on these rows, so the two losses differ
-    assert not torch.allclose(ref, reference_loss(vocabulary.model, batch, plain, num_items))
-    # the model card says that the run had no term, and why
+    assert not torch.allclose(loss, reference_loss(auto.model, auto_batch, plain, num_items))  # the term is on
+    # the model card names the loss and weight the run used
     auto.create_model_card()
     text = open(f"{auto.args.output_dir}/README.md").read()
-    assert (
-        "| calibration_space | auto: not multiple choice, so no calibration term: on the open-ended arithmetic" in text
-    )
+    assert "| calibration_loss | ls |" in text and "| ls_epsilon | 0.1 |" in text

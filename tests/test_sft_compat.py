@@ -180,14 +180,9 @@ VOCABULARY_SPACE = {
 }
 
 
-# rows that are not multiple choice: `calibration_space="auto"` gives them no term, so these ask for the vocabulary's
-NOT_MULTIPLE_CHOICE = {"language_modeling", "skip_prepare_dataset", "moe_open_ended"}
-
-
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_calibration_on_trains(scenario, tmp_path, tiny_model_dir):
-    space = {"calibration_space": "vocabulary"} if scenario in NOT_MULTIPLE_CHOICE else {}
-    trainer, losses, before = run("calib", scenario, tmp_path, tiny_model_dir, **space)
+    trainer, losses, before = run("calib", scenario, tmp_path, tiny_model_dir)
     assert trainer.args.has_calibration_term
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert before and any(not torch.equal(p, dict(trainer.model.named_parameters())[n]) for n, p in before.items())
@@ -199,14 +194,6 @@ def test_calibration_on_trains(scenario, tmp_path, tiny_model_dir):
     known = [h["calib/known_fraction"] for h in trainer.state.log_history if "calib/known_fraction" in h]
     # the calibration term reached some tokens; a random model answers no open-ended row, so none of those is known
     assert known and (np.mean(known) > 0 or scenario == "moe_open_ended")
-
-
-@pytest.mark.parametrize("scenario", sorted(NOT_MULTIPLE_CHOICE))
-def test_rows_that_are_not_multiple_choice_get_no_term_by_default(scenario, tmp_path, tiny_model_dir):
-    _, sft, _ = run("sft", scenario, tmp_path, tiny_model_dir)
-    trainer, calib, _ = run("calib", scenario, tmp_path, tiny_model_dir)
-    assert trainer.args.has_calibration_term and trainer.calibration_space == "none" and not trainer.adds_terms
-    assert len(sft) == 2 and calib == sft
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "training_arguments"])  # converted: calibration on
@@ -384,8 +371,8 @@ trainer.train()
 @pytest.mark.parametrize("dataset", ["arithmetic-mc", "arithmetic"])
 def test_swapping_one_class_in_a_trl_script(default_model_dir, tmp_path, dataset, caplog):
     """
-    The README's swap: one changed import and one changed class name. On multiple-choice rows the script trains with
-    calibration on the option letters; on open-ended rows `calibration_space="auto"` gives no term, and says why.
+    The README's swap: one changed import and one changed class name. The script trains with calibration: on the
+    option letters of multiple-choice rows, over the vocabulary on open-ended rows.
     """
     from calib_trl.defaults import load_default_dataset
 
@@ -410,10 +397,10 @@ def test_swapping_one_class_in_a_trl_script(default_model_dir, tmp_path, dataset
     if dataset == "arithmetic-mc":  # multiple choice: the model's own answers flag the rows, the letters get the term
         assert trainer.detection_summary["path"] == "multiple_choice" and trainer.calibration_space == "options"
         assert all("calib/known_fraction" in h for h in logs)
-    else:
-        assert trainer.calibration_space == "none" and trainer.detection_summary is None and not trainer.adds_terms
-        assert "the training rows are not multiple choice, so they get no calibration term" in caplog.text
-        assert not any("calib/known_fraction" in h for h in logs)
+    else:  # open-ended: the model's own greedy answers flag the rows, CoLS over the vocabulary (the default rule)
+        assert trainer.detection_summary["path"] == "generation" and trainer.calibration_space == "vocabulary"
+        assert (trainer.args.calibration_loss, trainer.args.ls_epsilon) == ("ls", 0.1)
+        assert all("calib/known_fraction" in h for h in logs)
 
 
 def test_trls_own_sft_script_with_the_class_swapped_runs_offline(tiny_model_dir, tmp_path):
@@ -439,8 +426,7 @@ def test_trls_own_sft_script_with_the_class_swapped_runs_offline(tiny_model_dir,
     diff = [line for line in difflib.ndiff(source.splitlines(), swapped.splitlines()) if line[:2] in ("- ", "+ ")]
     assert len(diff) == 6  # one import line and the class name changed, one import (and a blank line) added
     (tmp_path / "sft.py").write_text(swapped)
-    # multiple-choice rows: the option-letter term (open-ended rows get none by default, and the stock script's
-    # SFTConfig has no `calibration_space` flag to ask for the vocabulary's)
+    # the letter form: detection scores one forward pass per row, where the open-ended form generates an answer
     assert (
         main(["export", "--dataset", "arithmetic-mc", "--output", str(tmp_path / "data"), "--max-samples", "8"]) == 0
     )

@@ -6,9 +6,14 @@ from ..core.config import CalibrationConfig, check_in, check_range
 
 # `ecp_beta=None`: β in each calibration space. The entropy over K options is at most ln K (1.39 for 4), against up to
 # ln V over the vocabulary, so the two spaces need their own weights. The option letters' β follows the default rule
-# on the multiple-choice table (benchmarks/README.md, MMLU); the vocabulary's is the value measured on the open-ended
-# arithmetic table, where it lowered ECE at a cost in the LM check, so `"auto"` gives open-ended rows no term.
+# on the multiple-choice table (benchmarks/README.md, MMLU); the vocabulary's is the earlier default.
 DEFAULT_ECP_BETA = {"options": 4.0, "vocabulary": 2.0}
+# `calibration_loss=None` and `ls_epsilon=None`: the term and its weight in each space, chosen by the default rule on
+# each space's table (benchmarks/README.md): CoECP on the option letters (MMLU table), CoLS with ε 0.1 over the
+# vocabulary (the open-ended arithmetic table, where CoECP β 2 and CoLS ε 0.5 raised the LM check). The option letters'
+# ε is the earlier default, not judged.
+DEFAULT_LOSS = {"options": "ecp", "vocabulary": "ls"}
+DEFAULT_LS_EPSILON = {"options": 0.5, "vocabulary": 0.1}
 
 
 @dataclass
@@ -23,22 +28,25 @@ class CalibSFTConfig(CalibrationConfig):
     Parameters:
         > Parameters that control the calibration loss
 
-        calibration_loss (`str`, *optional*, defaults to `"ecp"`):
+        calibration_loss (`str` or `None`, *optional*, defaults to `None`):
             Calibration term for known examples: `"ls"` (label smoothing, CoLS), `"mbls"` (margin-based label
-            smoothing, CoMbLS), `"ecp"` (confidence penalty, CoECP) or `"none"` (plain SFT). The defaults of
+            smoothing, CoMbLS), `"ecp"` (confidence penalty, CoECP) or `"none"` (plain SFT). `None`: `"ecp"` on the
+            option letters, `"ls"` over the vocabulary (`calibration_space`; the trainer's `args` holds the value a
+            run uses). The defaults of
             `calibration_loss`, `calibration_space` and the weights below follow one rule, applied to the tables of
             `benchmarks/reproduce.py` (benchmarks/README.md), each judged by its paired interval: the lowest ECE (test
             and out-of-domain) among the settings that keep accuracy at least SFT's minus 1 point and, on multiple
             choice, `answer_mass` at least 0.9 x SFT's (MMLU table: CoECP on the option letters, β 4), on open-ended
-            answers the LM check within its interval of SFT's (arithmetic table: no setting qualified, so `"auto"`
-            gives open-ended rows no term). `ls_epsilon`, `mbls_margin` and `mbls_lambda` keep earlier defaults.
+            answers the LM check within its interval of SFT's (arithmetic table: CoLS over the vocabulary, ε 0.1, on
+            the known rows). `mbls_margin` and `mbls_lambda` keep earlier defaults.
         apply_to (`str`, *optional*, defaults to `"known"`):
             Which examples get the calibration term: `"known"` (CogCalib), `"all"` (the plain calibration loss on all
             data) or `"none"` (standard SFT). With the paper's ablations in one trainer.
         calibration_weight (`float`, *optional*, defaults to `1.0`):
             α in `NLL + α (L_method - NLL)`; `1.0` gives the method's standard loss on known tokens. In `[0, 1]`.
-        ls_epsilon (`float`, *optional*, defaults to `0.5`):
-            Label-smoothing ε of `"ls"`, in `[0, 1)`.
+        ls_epsilon (`float` or `None`, *optional*, defaults to `None`):
+            Label-smoothing ε of `"ls"`, in `[0, 1)`. `None`: `0.1` over the vocabulary (the default rule on the
+            arithmetic table), `0.5` on the option letters (the earlier default).
         mbls_margin (`float`, *optional*, defaults to `10.0`):
             Margin `m` of `"mbls"` (logit units), `>= 0`.
         mbls_lambda (`float`, *optional*, defaults to `0.1`):
@@ -60,10 +68,8 @@ class CalibSFTConfig(CalibrationConfig):
             the training rows are multiple-choice prompt/completion rows in a `datasets.Dataset` (packed, if at
             all, with `packing_strategy="bfd"`); multiple-choice rows that cannot take the option term
             (conversational `messages`, an `IterableDataset`, packing that can cut a question off its answer) get
-            `"vocabulary"`, with a warning saying why. Rows that are not multiple choice (open-ended answers, plain text) get
-            no calibration term under `"auto"`, with a warning: on the open-ended arithmetic table no vocabulary
-            setting lowered ECE while keeping the LM check (benchmarks/README.md); `"vocabulary"` gives them the
-            papers' loss. The trainer's `calibration_space` property says which one a run uses (`"none"`: no term).
+            `"vocabulary"`, with a warning saying why. Other rows (open-ended answers, plain text) get
+            `"vocabulary"`. The trainer's `calibration_space` property says which one a run uses.
 
         > Parameters that control knowledge detection
 
@@ -117,9 +123,13 @@ class CalibSFTConfig(CalibrationConfig):
         Every calib-trl config also has `nonfinite_loss` and calib-trl's `bf16` default (see [`CalibrationConfig`]).
     """
 
-    calibration_loss: str = field(
-        default="ecp",
-        metadata={"help": "Calibration term for known examples.", "choices": ["ls", "mbls", "ecp", "none"]},
+    calibration_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "Calibration term for known examples. Default: `ecp` on the option letters, `ls` over the "
+            "vocabulary.",
+            "choices": ["ls", "mbls", "ecp", "none"],
+        },
     )
     apply_to: str = field(
         default="known",
@@ -132,7 +142,12 @@ class CalibSFTConfig(CalibrationConfig):
         default=1.0,
         metadata={"help": "α in NLL + α (L_method - NLL) on selected tokens; 1.0 gives the method's loss. In [0, 1]."},
     )
-    ls_epsilon: float = field(default=0.5, metadata={"help": "Label-smoothing ε of `ls`, in [0, 1)."})
+    ls_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "Label-smoothing ε of `ls`, in [0, 1). Default: 0.1 over the vocabulary, 0.5 on the options."
+        },
+    )
     mbls_margin: float = field(default=10.0, metadata={"help": "Margin m of `mbls` in logit units, >= 0."})
     mbls_lambda: float = field(default=0.1, metadata={"help": "Weight λ of the margin penalty of `mbls`, >= 0."})
     ecp_beta: float | None = field(
@@ -147,7 +162,7 @@ class CalibSFTConfig(CalibrationConfig):
         metadata={
             "help": "Distribution the calibration term acts on: `vocabulary` (every completion token), `options` (the "
             "softmax over the option letters at the answer token; multiple-choice data) or `auto` (`options` for "
-            "multiple-choice rows; no term on other rows, see benchmarks/README.md).",
+            "multiple-choice rows, `vocabulary` for others).",
             "choices": ["vocabulary", "options", "auto"],
         },
     )
@@ -199,14 +214,16 @@ class CalibSFTConfig(CalibrationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_in("calibration_loss", self.calibration_loss, ("ls", "mbls", "ecp", "none"))
+        if self.calibration_loss is not None:
+            check_in("calibration_loss", self.calibration_loss, ("ls", "mbls", "ecp", "none"))
         check_in("apply_to", self.apply_to, ("known", "all", "none"))
         check_in("calibration_space", self.calibration_space, ("vocabulary", "options", "auto"))
         check_in("detection", self.detection, ("auto", "precomputed", "online"))
         check_in("unfitted_threshold", self.unfitted_threshold, ("raise", "warn"))
         check_in("answer_nll", self.answer_nll, ("auto", "first", "mean"))
         check_range("calibration_weight", self.calibration_weight, 0.0, 1.0)
-        check_range("ls_epsilon", self.ls_epsilon, 0.0, 1.0, high_inclusive=False)
+        if self.ls_epsilon is not None:
+            check_range("ls_epsilon", self.ls_epsilon, 0.0, 1.0, high_inclusive=False)
         check_range("mbls_margin", self.mbls_margin, 0.0, None)
         check_range("mbls_lambda", self.mbls_lambda, 0.0, None)
         if self.ecp_beta is not None:

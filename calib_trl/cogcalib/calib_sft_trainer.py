@@ -5,7 +5,7 @@ import textwrap
 
 from ..core.model_card import COGCALIB_PAPER
 from ..core.trainer import CalibrationTrainer
-from .calib_sft_config import DEFAULT_ECP_BETA, CalibSFTConfig
+from .calib_sft_config import DEFAULT_ECP_BETA, DEFAULT_LOSS, DEFAULT_LS_EPSILON, CalibSFTConfig
 from .detection import DetectionPlan
 from .loss import CogCalibLoss, resolve_space
 
@@ -34,9 +34,7 @@ class CalibSFTTrainer(CalibrationTrainer):
       when available.
 
     Everything else is `SFTTrainer`'s, whose own checks come first; with the calibration off (`calibration_loss="none"`
-    or `apply_to="none"`), and on rows that are not multiple choice under `calibration_space="auto"` (no term there by
-    default, see `CalibSFTConfig.calibration_space`), it trains exactly as `SFTTrainer`. Vision datasets are refused
-    with a calibration term.
+    or `apply_to="none"`) it trains exactly as `SFTTrainer`. Vision datasets are refused with a calibration term.
 
     Args:
         model, data_collator, train_dataset, eval_dataset, processing_class, callbacks, optimizers, peft_config,
@@ -55,7 +53,7 @@ class CalibSFTTrainer(CalibrationTrainer):
     >>> from trl import SFTConfig
     >>> from calib_trl import CalibSFTTrainer  # instead of `from trl import SFTTrainer`
     >>> trainer = CalibSFTTrainer(model=model, args=SFTConfig("out"), train_dataset=train)
-    >>> trainer.train()  # multiple choice: detects the known rows first, then CoECP on their option letters
+    >>> trainer.train()  # detects the known rows, then CoECP on their option letters (CoLS on open-ended rows)
     ```
     """
 
@@ -70,25 +68,28 @@ class CalibSFTTrainer(CalibrationTrainer):
 
     @property
     def calibration_space(self) -> str:
-        """
-        The distribution the calibration term acts on in this run: `"options"` or `"vocabulary"`, or `"none"` where
-        `"auto"` gives the rows no term (they are not multiple choice).
-        """
+        """The distribution the calibration term acts on in this run: `"options"` or `"vocabulary"` (`"auto"` resolved)."""
         return self.part("cogcalib").space
 
 
 def cogcalib_part(args, train_dataset, calibration_dataset) -> tuple:
     """
     CogCalib's part for a trainer, decided before `SFTTrainer.__init__` prepares the datasets, and the arguments the
-    run uses: with `ecp_beta=None`, a copy holding the calibration space's own β (the caller's config may serve another
-    trainer).
+    run uses: where `calibration_loss`, `ls_epsilon` or `ecp_beta` is None, a copy holding the calibration space's own
+    default (the caller's config may serve another trainer).
     """
     space = resolve_space(args, train_dataset)
-    if args.ecp_beta is None and space != "none":
+    defaults = {
+        "calibration_loss": DEFAULT_LOSS[space],
+        "ls_epsilon": DEFAULT_LS_EPSILON[space],
+        "ecp_beta": DEFAULT_ECP_BETA[space],
+    }
+    unset = {name: value for name, value in defaults.items() if getattr(args, name) is None}
+    if unset:
         args = copy.copy(args)
-        args.ecp_beta = DEFAULT_ECP_BETA[space]
-    adds_term = args.has_calibration_term and space != "none"
-    plan = DetectionPlan(args, train_dataset, calibration_dataset) if adds_term else None
+        for name, value in unset.items():
+            setattr(args, name, value)
+    plan = DetectionPlan(args, train_dataset, calibration_dataset) if args.has_calibration_term else None
     return args, CogCalibLoss(args, space, plan)
 
 

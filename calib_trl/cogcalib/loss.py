@@ -24,29 +24,17 @@ from .detection import DetectionPlan
 logger = logging.getLogger(__name__)
 
 
-OPEN_ENDED_DEFAULT = (
-    "no calibration term: on the open-ended arithmetic table of benchmarks/README.md no vocabulary-space setting "
-    "lowered ECE below SFT's while keeping the match rate and the LM check (CoECP, beta 2, on the known rows lowered "
-    "ECE by 0.06-0.08 and raised the out-of-domain prompt NLL by 0.11; on every row it broke the answers)"
-)
-
-
 def resolve_space(args, train_dataset) -> str:
-    """
-    The calibration space in use: `"auto"` resolved, and checked against the training data. `"none"`: `"auto"` on rows
-    that are not multiple choice, which get no calibration term (`OPEN_ENDED_DEFAULT` says why).
-    """
+    """The calibration space in use: `"auto"` resolved, and checked against the training data."""
     if not args.has_calibration_term:
         return "vocabulary"
     mcq = train_dataset is not None and is_multiple_choice(train_dataset)
     space = args.calibration_space
     if space == "auto" and not mcq:
-        logger.warning(
-            "calibration_space='auto': the training rows are not multiple choice, so they get %s. The run trains as "
-            "SFTTrainer. Set `calibration_space='vocabulary'` for the papers' loss over the whole vocabulary.",
-            OPEN_ENDED_DEFAULT,
+        logger.info(
+            "calibration_space='auto': the rows are not multiple choice; the term acts on the whole vocabulary."
         )
-        return "none"
+        return "vocabulary"
     if space == "auto":
         why_not = _why_not_options(args, train_dataset)
         space = "options" if why_not is None else "vocabulary"
@@ -99,7 +87,7 @@ class CogCalibLoss(CalibrationPart):
         self.args = args
         self.space = space
         self.plan = plan
-        self.adds_terms = args.has_calibration_term and space != "none"
+        self.adds_terms = args.has_calibration_term
         self.needs_hidden = self.reads_lm_head = self.adds_terms and (
             space == "options" or args.calibration_loss in ("ls", "mbls")
         )
@@ -241,8 +229,6 @@ class CogCalibLoss(CalibrationPart):
             "apply_to": a.apply_to,
             "calibration_weight": a.calibration_weight,
         }
-        if a.has_calibration_term and self.space == "none":
-            return {**settings, "calibration_space": f"auto: not multiple choice, so {OPEN_ENDED_DEFAULT}"}
         if a.has_calibration_term:
             settings["calibration_space"] = f"{self.space} (auto)" if a.calibration_space == "auto" else self.space
         settings.update(
