@@ -106,7 +106,7 @@ def test_open_ended_rows_are_flagged_by_the_models_own_greedy_answer(make_traine
     words = [row["completion"][0]["content"] for row in rows]
     expected = [word in answer.split() for answer, word in zip(reference["answers"], words)]
     assert expected == [True] * 8 + [False] * 8
-    trainer = make_trainer(rows, model=copy.deepcopy(knowing), max_steps=1, calibration_space="vocabulary")
+    trainer = make_trainer(rows, model=copy.deepcopy(knowing), max_steps=1)
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
         trainer.train()
     summary = trainer.detection_summary
@@ -121,7 +121,7 @@ def test_open_ended_rows_are_flagged_by_the_models_own_greedy_answer(make_traine
 
 def test_a_model_that_answers_no_open_ended_row_flags_every_row_unknown(make_trainer, caplog):
     rows = make_open_ended_dataset(8)  # a random model answers none of them
-    trainer = make_trainer(rows, max_steps=1, detection_max_new_tokens=4, calibration_space="vocabulary")
+    trainer = make_trainer(rows, max_steps=1, detection_max_new_tokens=4)
     with caplog.at_level(logging.WARNING, logger="calib_trl"):
         trainer.train()
     assert trainer.detection_summary["path"] == "generation"
@@ -133,7 +133,7 @@ def test_a_model_that_answers_no_open_ended_row_flags_every_row_unknown(make_tra
 def test_rows_without_an_answer_get_the_term_on_every_token(make_trainer, caplog):
     text = Dataset.from_list([{"text": row["prompt"][0]["content"]} for row in make_mcq_dataset(8, seed=5)])
     losses = []
-    for kwargs in (dict(calibration_space="vocabulary"), dict(apply_to="all", calibration_space="vocabulary")):
+    for kwargs in (dict(), dict(apply_to="all")):
         with caplog.at_level(logging.WARNING, logger="calib_trl"):
             trainer = make_trainer(text, model_seed=6, max_steps=2, logging_steps=1, **kwargs)
         trainer.train()
@@ -201,19 +201,12 @@ def test_online_detection_on_conversational_messages(make_trainer, tok, knowing)
         match=r"the train dataset's rows \(\['messages'\]\) have no separate answer.*Convert conversational rows to "
         r"prompt/completion .*or set `assistant_only_loss=True`",
     ):
-        make_trainer(
-            messages,
-            model=copy.deepcopy(knowing),
-            detection="online",
-            calibration_dataset=messages,
-            calibration_space="vocabulary",
-        )
+        make_trainer(messages, model=copy.deepcopy(knowing), detection="online", calibration_dataset=messages)
     # with the loss on the assistant's messages, calibration and training rows in `messages` form both work
     trainer = make_trainer(
         messages,
         model=copy.deepcopy(knowing),
         detection="online",
-        calibration_space="vocabulary",
         assistant_only_loss=True,
         per_device_train_batch_size=16,
         max_steps=1,
@@ -236,7 +229,6 @@ def test_online_detection_without_a_fitted_threshold_says_so(make_trainer, knowi
         make_open_ended_dataset(16),
         model=copy.deepcopy(knowing),
         detection="online",
-        calibration_space="vocabulary",
         max_steps=2,
         logging_steps=1,
         calibration_dataset=unknown,
@@ -256,7 +248,6 @@ def test_online_detection_without_a_fitted_threshold_says_so(make_trainer, knowi
         make_open_ended_dataset(16),
         model=copy.deepcopy(knowing),
         detection="online",
-        calibration_space="vocabulary",
         unfitted_threshold="raise",
         max_steps=2,
         calibration_dataset=unknown,

@@ -391,9 +391,7 @@ def test_option_space_needs_multiple_choice_data(make_trainer, caplog):
     # "auto" with the defaults: the vocabulary, and the rule's choice there (CoLS, ε 0.1), written into the run's args
     with caplog.at_level(logging.INFO, logger="calib_trl"):
         auto = make_trainer(data, calibration_space="auto")
-    assert "calibration_space='auto': the rows are not multiple choice; the term acts on the whole vocabulary" in (
-        caplog.text
-    )
+    assert "calibration_space='auto': the calibration term acts on the whole vocabulary" in caplog.text
     assert auto.calibration_space == "vocabulary" and auto.adds_terms
     assert (
         (auto.args.calibration_loss, auto.args.ls_epsilon) == ("ls", DEFAULT_LS_EPSILON["vocabulary"]) == ("ls", 0.1)

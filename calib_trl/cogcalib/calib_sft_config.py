@@ -32,13 +32,13 @@ class CalibSFTConfig(CalibrationConfig):
             Calibration term for known examples: `"ls"` (label smoothing, CoLS), `"mbls"` (margin-based label
             smoothing, CoMbLS), `"ecp"` (confidence penalty, CoECP) or `"none"` (plain SFT). `None`: `"ecp"` on the
             option letters, `"ls"` over the vocabulary (`calibration_space`; the trainer's `args` holds the value a
-            run uses). The defaults of
-            `calibration_loss`, `calibration_space` and the weights below follow one rule, applied to the tables of
-            `benchmarks/reproduce.py` (benchmarks/README.md), each judged by its paired interval: the lowest ECE (test
-            and out-of-domain) among the settings that keep accuracy at least SFT's minus 1 point and, on multiple
-            choice, `answer_mass` at least 0.9 x SFT's (MMLU table: CoECP on the option letters, β 4), on open-ended
-            answers the LM check within its interval of SFT's (arithmetic table: CoLS over the vocabulary, ε 0.1, on
-            the known rows). `mbls_margin` and `mbls_lambda` keep earlier defaults.
+            run uses). The defaults of `calibration_loss`, `calibration_space` and the weights below follow one
+            rule, applied to the tables of `benchmarks/reproduce.py` (benchmarks/README.md), each judged by its
+            paired interval: the lowest ECE (test and out-of-domain) among the settings that keep accuracy at least
+            SFT's minus 1 point and, on multiple choice, `answer_mass` at least 0.9 x SFT's (MMLU table: CoECP on the
+            option letters, β 4), on open-ended answers the LM check within its interval of SFT's (arithmetic table:
+            CoLS over the vocabulary, ε 0.1, on the known rows). `mbls_margin` and `mbls_lambda` keep earlier
+            defaults.
         apply_to (`str`, *optional*, defaults to `"known"`):
             Which examples get the calibration term: `"known"` (CogCalib), `"all"` (the plain calibration loss on all
             data) or `"none"` (standard SFT). With the paper's ablations in one trainer.

@@ -30,14 +30,9 @@ def resolve_space(args, train_dataset) -> str:
         return "vocabulary"
     mcq = train_dataset is not None and is_multiple_choice(train_dataset)
     space = args.calibration_space
-    if space == "auto" and not mcq:
-        logger.info(
-            "calibration_space='auto': the rows are not multiple choice; the term acts on the whole vocabulary."
-        )
-        return "vocabulary"
     if space == "auto":
-        why_not = _why_not_options(args, train_dataset)
-        space = "options" if why_not is None else "vocabulary"
+        why_not = _why_not_options(args, train_dataset) if mcq else None
+        space = "options" if mcq and why_not is None else "vocabulary"
         if why_not is not None:
             logger.warning(
                 "calibration_space='auto': the rows are multiple choice, but %s, so the calibration term acts on the "
@@ -47,7 +42,8 @@ def resolve_space(args, train_dataset) -> str:
             )
         else:
             logger.info(
-                "calibration_space='auto': the calibration term acts on the option letters at the answer token."
+                "calibration_space='auto': the calibration term acts on the %s.",
+                "option letters at the answer token" if mcq else "whole vocabulary",
             )
     elif space == "options" and not mcq:
         columns = get_dataset_column_names(train_dataset) if train_dataset is not None else None
